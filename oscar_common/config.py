@@ -57,6 +57,7 @@ class OscarConfig:
     evaluate_timeout: float = 600.0
     max_payload_bytes: int = 64 * 1024 * 1024
     run_dir: str = "runs"
+    run_name: str = ""
     simulation_data_dir: str = "demo/data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 

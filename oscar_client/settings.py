@@ -1,0 +1,72 @@
+"""Where a client's data lives and where its outputs go: the SuperNode's ``--node-config``.
+
+Deployment (one SuperNode per client machine)::
+
+    flower-supernode ... --node-config "data-dir='/data/clipart' name='clipart' output-dir='/data/oscar-out'"
+
+Keys: ``data-dir`` (required; ``<class_name>/*.jpg`` folders), ``name`` (default: the data dir's folder
+name), ``output-dir`` (default: ``<data-dir>/../oscar-output/<name>``), ``test-fraction`` (0.2),
+``train-list`` / ``test-list`` (optional split files, one relative image path per line), ``device``
+(``auto``). In local simulation Flower only gives ``partition-id``: client k then reads the k-th
+sub-folder (sorted) of the run config's ``simulation-data-dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    data_dir: Path
+    name: str
+    output_dir: Path
+    test_fraction: float = 0.2
+    train_list: Path | None = None
+    test_list: Path | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "NodeSettings":
+        if "data-dir" in node_config:
+            data_dir = Path(str(node_config["data-dir"])).expanduser()
+        elif "partition-id" in node_config:
+            data_dir = _simulation_partition(run_config, int(node_config["partition-id"]))
+        else:
+            raise ValueError(
+                "this SuperNode has no 'data-dir': start it with "
+                "--node-config \"data-dir='/path/to/images' name='my-domain'\""
+            )
+        name = str(node_config.get("name") or data_dir.name)
+        output_dir = Path(str(node_config.get("output-dir") or data_dir.parent / "oscar-output" / name))
+        test_fraction = float(node_config.get("test-fraction", 0.2))
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction}")
+        return cls(
+            data_dir=data_dir,
+            name=name,
+            output_dir=output_dir.expanduser(),
+            test_fraction=test_fraction,
+            train_list=_optional_path(node_config.get("train-list")),
+            test_list=_optional_path(node_config.get("test-list")),
+            device=str(node_config.get("device", "auto")),
+        )
+
+
+def _optional_path(value: Any) -> Path | None:
+    return Path(str(value)).expanduser() if value else None
+
+
+def _simulation_partition(run_config: Mapping[str, Any], partition_id: int) -> Path:
+    root = Path(str(run_config.get("simulation-data-dir", "demo/data"))).expanduser()
+    if not root.is_dir():
+        raise ValueError(
+            f"simulation-data-dir {str(root)!r} does not exist: run `make demo-data` or pass "
+            "--run-config \"simulation-data-dir='/abs/path'\" with one sub-folder per client"
+        )
+    clients = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if partition_id >= len(clients):
+        raise ValueError(f"partition {partition_id} has no data: {root} holds only {len(clients)} client folders")
+    return clients[partition_id]

@@ -1,0 +1,201 @@
+"""A real Flower federation on 127.0.0.1: one SuperLink, one SuperNode per client, ``flwr run``.
+
+Used by ``make demo`` and by the end-to-end tests. Every process it starts runs in its own session
+(process group) and is stopped by its own PID when the federation closes, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+log = logging.getLogger("oscar.demo")
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "oscar-local"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """Console scripts of the interpreter's own environment (the project's venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class ClientSpec:
+    name: str
+    data_dir: Path
+    extra_node_config: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalFederation:
+    """Start with ``with LocalFederation(workdir, clients, env) as fed: fed.run(run_config)``."""
+
+    def __init__(self, workdir: Path, clients: list[ClientSpec], env: dict[str, str] | None = None,
+                 stream: bool = True) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.clients = clients
+        self.stream = stream
+        self.logs_dir = self.workdir / "logs"
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.superlink_port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "LocalFederation":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._write_connection()
+        self._spawn("superlink", [
+            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+            # The project is installed already; per-run installs would need the internet.
+            "--disable-runtime-dependency-installation",
+        ])
+        self._wait_for_port(self.superlink_port, "superlink")
+        for client in self.clients:
+            out_dir = self.workdir / "client-output" / client.name
+            node_config = {"data-dir": str(client.data_dir), "name": client.name, "output-dir": str(out_dir),
+                           **client.extra_node_config}
+            self._spawn(f"supernode-{client.name}", [
+                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                "--port", str(free_port()), "--node-config", _node_config_arg(node_config),
+            ])
+        log.info("federation up: superlink on 127.0.0.1:%d, %d supernodes (logs in %s)",
+                 self.superlink_port, len(self.clients), self.logs_dir)
+
+    def stop(self) -> None:
+        """SIGTERM each process group we started, then SIGKILL what is left."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.processes.clear()
+
+    # ------------------------------------------------------------------ running the app
+    def run(self, run_config: dict[str, Any], timeout: float = 1800) -> Path:
+        """``flwr run`` the OSCAR app with these overrides; returns the run's report.json.
+
+        ``run_config`` must hold ``run-dir`` (absolute) and ``run-name``: that is where the report lands.
+        """
+        report = Path(run_config["run-dir"]) / run_config["run-name"] / "report.json"
+        overrides = self.workdir / f"{run_config['run-name']}.toml"
+        overrides.write_text(tomli_w.dumps(run_config))
+        command = [_bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream", "--run-config", str(overrides)]
+        log_path = self.logs_dir / f"flwr-run-{run_config['run-name']}.log"
+        log.info("$ %s", " ".join(command))
+        proc = subprocess.Popen(command, env=self.env, cwd=PROJECT_DIR, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.processes["flwr-run"] = proc
+        pump = threading.Thread(target=self._pump, args=(proc, log_path), daemon=True)
+        pump.start()
+        deadline = time.monotonic() + timeout
+        try:
+            # `flwr run --stream` follows the logs; the run is over when the report says so.
+            while not _finished(report):
+                self._check_alive()
+                if proc.poll() is not None and not _finished(report):
+                    time.sleep(2)  # the stream may end a moment before the report is renamed into place
+                    if not _finished(report):
+                        raise RuntimeError(f"flwr run exited ({proc.returncode}) without a finished report at "
+                                           f"{report}; see {log_path} and {self.logs_dir}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see {log_path}")
+                time.sleep(0.5)
+        finally:
+            _signal_group(proc, signal.SIGTERM)
+            proc.wait(timeout=10)
+            pump.join(timeout=5)
+            self.processes.pop("flwr-run", None)
+        return report
+
+    def _pump(self, proc: subprocess.Popen, log_path: Path) -> None:
+        assert proc.stdout is not None
+        with open(log_path, "w") as log_file:
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if self.stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+    # ------------------------------------------------------------------ internals
+    def _write_connection(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        config = {"superlink": {"default": CONNECTION, CONNECTION: {
+            "address": f"127.0.0.1:{self.superlink_port}", "insecure": True}}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log_file = open(self.logs_dir / f"{name}.log", "w")
+        self.processes[name] = subprocess.Popen(command, env=self.env, cwd=self.workdir, stdout=log_file,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()  # the child keeps its own descriptor
+
+    def _wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} did not open 127.0.0.1:{port} within {timeout:.0f}s; see {self.logs_dir}")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if name != "flwr-run" and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs_dir / (name + '.log')}")
+
+
+def _finished(report: Path) -> bool:
+    import json
+
+    try:
+        return json.loads(report.read_text()).get("status") in ("completed", "failed")
+    except (OSError, ValueError):
+        return False  # being replaced right now; look again at the next line
+
+
+def _node_config_arg(values: dict[str, Any]) -> str:
+    """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values."""
+    return " ".join(f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items())
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group we created with start_new_session: our PID, our children
+    except ProcessLookupError:
+        pass

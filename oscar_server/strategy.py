@@ -1,0 +1,254 @@
+"""OSCAR as a Flower strategy: one upload round, server-side synthesis and training, one broadcast.
+
+Flower's ``Strategy.start`` loop fits OSCAR with ``num_rounds=1`` (whatever ``aggregate_train``
+returns is what ``configure_evaluate`` sends), but OSCAR needs three things it does not give:
+
+* waiting for ``min-clients`` with a timeout (``sample_nodes`` waits forever);
+* handling each upload the moment it arrives (validated and persisted), not after the last one;
+* broadcasting the final model only to the nodes whose upload was accepted, with a timeout,
+  so one dead client cannot hang the run.
+
+So :meth:`OscarStrategy.start` drives the same four hooks itself with a push/pull loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from oscar_common.classifier import TrainStats
+from oscar_common.config import OscarConfig, resolve_device, resolve_dtype
+from oscar_common.payload import (
+    EVALUATE_MESSAGE_TYPE,
+    INSTRUCTION_KEY,
+    MODEL_KEY,
+    ClientPayload,
+    Expectation,
+    PayloadError,
+    model_record,
+    parse_payload,
+    wire_size,
+)
+from oscar_server.pipeline import SynthesisSummary, expected_feature_dim, synthesize, train_on_synthetic
+from oscar_server.run_dir import RunDirectory
+
+log = logging.getLogger("oscar.server")
+POLL_SECONDS = 1.0
+
+
+class NotEnoughClientsError(RuntimeError):
+    """Fewer than ``min-clients`` nodes connected, or fewer valid uploads than that."""
+
+
+@dataclass
+class ClientRecord:
+    node_id: int
+    payload: ClientPayload
+    upload_bytes: int
+    download_bytes: int = 0
+    evaluation: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything the report needs, filled in as the run goes."""
+
+    clients: dict[int, ClientRecord] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    synthesis: SynthesisSummary | None = None
+    training: TrainStats | None = None
+    training_images: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class OscarStrategy(Strategy):
+    def __init__(self, cfg: OscarConfig, run_dir: RunDirectory) -> None:
+        if not cfg.class_names:
+            raise ValueError("class-names is empty: set the class list, e.g. "
+                             "--run-config \"class-names='cat,dog,horse'\"")
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.state = RunState()
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self._expect = Expectation(scheme=cfg.scheme, encoder_id=cfg.client_encoder_id,
+                                   num_classes=len(cfg.class_names), feature_dim=expected_feature_dim(cfg),
+                                   max_bytes=cfg.max_payload_bytes)
+        self._handled: set[str] = set()  # reply message ids already validated
+
+    # ------------------------------------------------------------------ Flower Strategy hooks
+    def summary(self) -> None:
+        log.info("OSCAR: scheme=%s, %d classes, %d images/class/client, guidance %.2f, %d steps, device %s",
+                 self.cfg.scheme, len(self.cfg.class_names), self.cfg.images_per_class,
+                 self.cfg.guidance_scale, self.cfg.num_inference_steps, self.device)
+        log.info("OSCAR: run directory %s", self.run_dir.root)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        instruction = ConfigRecord({**self.cfg.client_instruction(), **dict(config)})
+        log.info("sending the encode instruction to %d nodes", len(nodes))
+        return [Message(content=RecordDict({INSTRUCTION_KEY: instruction}), dst_node_id=node,
+                        message_type="train") for node in nodes]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for reply in replies:
+            self.accept_upload(reply)
+        accepted = list(self.state.clients.values())
+        if len(accepted) < self.cfg.min_clients:
+            raise NotEnoughClientsError(f"{len(accepted)} valid uploads, min-clients is {self.cfg.min_clients}")
+
+        started = time.monotonic()
+        payloads = [c.payload for c in accepted]
+        self.state.synthesis = synthesize(self.cfg, payloads, self.run_dir, self.device, self.dtype)
+        self.state.timings["synthesis"] = time.monotonic() - started
+
+        started = time.monotonic()
+        blob, stats = train_on_synthetic(self.cfg, self.run_dir, self.state.synthesis.jobs, self.device)
+        self.state.training, self.state.training_images = stats, len(self.state.synthesis.jobs)
+        self.state.timings["training"] = time.monotonic() - started
+        return model_record(blob), MetricRecord({"train-accuracy": float(stats.train_accuracy)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        content = RecordDict({
+            MODEL_KEY: arrays,
+            INSTRUCTION_KEY: ConfigRecord({
+                "class-names": list(self.cfg.class_names),
+                "seed": self.cfg.seed,
+                "classifier-image-size": self.cfg.classifier_image_size,
+                **dict(config),
+            }),
+        })
+        size = wire_size(content)
+        messages = []
+        for node_id, client in self.state.clients.items():
+            client.download_bytes = size
+            messages.append(Message(content=content, dst_node_id=node_id, message_type=EVALUATE_MESSAGE_TYPE))
+        log.info("broadcasting the trained model (%d bytes) to %d nodes", size, len(messages))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            client = self.state.clients.get(node_id)
+            if client is None:
+                continue
+            if reply.has_error():
+                client.evaluation = {"error": reply.error.reason}
+                log.warning("node %s (%s) failed to evaluate: %s", node_id, client.payload.client_name,
+                            reply.error.reason)
+                continue
+            metrics = reply.content.metric_records["metrics"]
+            client.evaluation = {
+                "accuracy": float(metrics["accuracy"]),
+                "num_test": int(metrics["num-examples"]),
+                "per_class_accuracy": {self.cfg.class_names[int(c)]: round(float(a), 4) for c, a in
+                                       zip(metrics["per-class-ids"], metrics["per-class-accuracy"])},
+            }
+            log.info("node %s (%s): test accuracy %.4f on %d images", node_id, client.payload.client_name,
+                     client.evaluation["accuracy"], client.evaluation["num_test"])
+        evaluated = [c.evaluation for c in self.state.clients.values() if c.evaluation and "accuracy" in c.evaluation]
+        if not evaluated:
+            return None
+        total = sum(e["num_test"] for e in evaluated)
+        return MetricRecord({
+            "accuracy-mean": sum(e["accuracy"] for e in evaluated) / len(evaluated),
+            "accuracy-weighted": sum(e["accuracy"] * e["num_test"] for e in evaluated) / max(1, total),
+        })
+
+    # ------------------------------------------------------------------ one-shot driver
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 1,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Callable | None = None) -> RunState:
+        """Run the single OSCAR round. Returns the run state (also on partial failure, via ``self.state``)."""
+        if num_rounds != 1:
+            raise ValueError("OSCAR is one-shot: num_rounds must be 1")
+        self.summary()
+        train_messages = list(self.configure_train(1, initial_arrays or ArrayRecord(), train_config or ConfigRecord(),
+                                                   grid))
+        started = time.monotonic()
+        replies = self._send_and_collect(grid, train_messages, self.cfg.train_timeout, "upload",
+                                         on_reply=self.accept_upload)
+        self.state.timings["upload"] = time.monotonic() - started
+        arrays, _ = self.aggregate_train(1, replies)
+
+        eval_messages = list(self.configure_evaluate(1, arrays, evaluate_config or ConfigRecord(), grid))
+        started = time.monotonic()
+        replies = self._send_and_collect(grid, eval_messages, self.cfg.evaluate_timeout, "evaluation")
+        self.state.timings["evaluation"] = time.monotonic() - started
+        self.aggregate_evaluate(1, replies)
+        return self.state
+
+    def accept_upload(self, reply: Message) -> None:
+        """Validate one upload and persist it at once; a bad one is logged and rejected."""
+        if reply.metadata.message_id in self._handled:
+            return
+        self._handled.add(reply.metadata.message_id)
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            self._reject(node_id, f"client error: {reply.error.reason}")
+            return
+        try:
+            payload = parse_payload(reply.content, self._expect)
+        except PayloadError as exc:
+            self._reject(node_id, f"invalid payload: {exc}")
+            return
+        if any(c.payload.client_name == payload.client_name for c in self.state.clients.values()):
+            payload.client_name = f"{payload.client_name}-{node_id}"  # names must be unique on disk
+        record = ClientRecord(node_id=node_id, payload=payload, upload_bytes=wire_size(reply.content))
+        self.state.clients[node_id] = record
+        path = self.run_dir.save_payload(payload, node_id)
+        log.info("accepted upload from node %s (%s): %d classes, means %s, %d bytes -> %s", node_id,
+                 payload.client_name, len(payload.class_ids), payload.feature_shape, record.upload_bytes, path.name)
+
+    # ------------------------------------------------------------------ helpers
+    def _reject(self, node_id: int, reason: str) -> None:
+        log.warning("rejected node %s: %s", node_id, reason)
+        self.state.rejected.append({"node_id": node_id, "reason": reason})
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.cfg.wait_for_clients_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise NotEnoughClientsError(
+                    f"only {len(nodes)} of min-clients={self.cfg.min_clients} nodes connected within "
+                    f"{self.cfg.wait_for_clients_timeout:.0f}s (wait-for-clients-timeout)")
+            log.info("waiting for clients: %d connected, %d required", len(nodes), self.cfg.min_clients)
+            time.sleep(2 * POLL_SECONDS)
+
+    def _send_and_collect(self, grid: Grid, messages: list[Message], timeout: float, what: str,
+                          on_reply: Callable[[Message], None] | None = None) -> list[Message]:
+        """Push, then pull replies as they come until all arrived or ``timeout`` passed."""
+        if not messages:
+            return []
+        pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                pending.pop(reply.metadata.reply_to_message_id, None)
+                replies.append(reply)
+                if on_reply is not None:
+                    on_reply(reply)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for node_id in pending.values():
+            reason = f"no {what} reply within {timeout:.0f}s"
+            if node_id in self.state.clients:  # uploaded, but did not evaluate
+                self.state.clients[node_id].evaluation = {"error": reason}
+                log.warning("node %s: %s", node_id, reason)
+            else:
+                self._reject(node_id, reason)
+        return replies
