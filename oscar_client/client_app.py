@@ -20,13 +20,13 @@ from flwr.clientapp import ClientApp
 from oscar_client.encoder import encode_local_data
 from oscar_client.settings import NodeSettings
 from oscar_common.classifier import (
-    ImageListDataset,
     classifier_from_bytes,
     eval_transform,
     evaluate_classifier,
 )
+from oscar_common.logs import setup_logging
 from oscar_common.config import resolve_device, resolve_dtype
-from oscar_common.data import load_client_split, load_rgb_images
+from oscar_common.data import ImageListDataset, load_client_split, load_rgb_images, scan_image_folder
 from oscar_common.files import atomic_write_bytes
 from oscar_common.payload import INSTRUCTION_KEY, ClientPayload, model_blob
 
@@ -37,19 +37,18 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Encode local data and upload the per-class means (the single OSCAR round)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     instruction = _instruction(msg)
     node = NodeSettings.from_context(context.node_config, context.run_config)
     class_names = list(instruction["class-names"])
     started = time.monotonic()
 
-    split = load_client_split(node.data_dir, class_names, test_fraction=node.test_fraction,
-                              seed=int(instruction["seed"]), train_list=node.train_list,
-                              test_list=node.test_list)
-    images, kept, unreadable = load_rgb_images(split.train)
-    labels = np.array([class_names.index(split.train[i].class_name) for i in kept], dtype=np.int64)
+    unknown_classes = scan_image_folder(node.data_dir, class_names).unknown_classes
+    train_samples, _ = _split(node, class_names, instruction)
+    images, kept, unreadable = load_rgb_images(train_samples)
+    labels = np.array([class_names.index(train_samples[i].class_name) for i in kept], dtype=np.int64)
     log.info("client %s: %d training images in %d classes (%d unreadable skipped, unknown folders: %s)",
-             node.name, len(images), len(set(labels.tolist())), len(unreadable), split.unknown_classes or "none")
+             node.name, len(images), len(set(labels.tolist())), len(unreadable), unknown_classes or "none")
     if not images:
         raise ValueError(f"client {node.name}: no readable training images under {node.data_dir}")
 
@@ -74,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         client_name=node.name,
         num_images=len(images),
         unreadable_images=len(unreadable),
-        skipped_classes=list(split.unknown_classes),
+        skipped_classes=unknown_classes,
     )
     log.info("client %s: uploading means of shape %s after %.1fs", node.name, list(encoded.means.shape),
              time.monotonic() - started)
@@ -84,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate("final")
 def evaluate_final(msg: Message, context: Context) -> Message:
     """Evaluate the broadcast classifier on this client's own test split."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     instruction = _instruction(msg)
     node = NodeSettings.from_context(context.node_config, context.run_config)
     class_names = list(instruction["class-names"])
@@ -96,10 +95,8 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     weights_path = node.output_dir / "oscar_resnet18.safetensors"
     atomic_write_bytes(weights_path, blob)
 
-    split = load_client_split(node.data_dir, class_names, test_fraction=node.test_fraction,
-                              seed=int(instruction["seed"]), train_list=node.train_list,
-                              test_list=node.test_list)
-    items = [(s.path, class_names.index(s.class_name)) for s in split.test]
+    _, test_samples = _split(node, class_names, instruction)
+    items = [(s.path, class_names.index(s.class_name)) for s in test_samples]
     dataset = ImageListDataset(items, eval_transform(int(instruction["classifier-image-size"])))
     result = evaluate_classifier(model, dataset, len(class_names), batch_size=64,
                                  device=resolve_device(node.device))
@@ -114,6 +111,12 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     })
     info = ConfigRecord({"client-name": node.name, "weights-path": str(weights_path)})
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
+
+
+def _split(node: NodeSettings, class_names: list[str], instruction: ConfigRecord):
+    """The same deterministic (train, test) split at upload and at evaluation time."""
+    return load_client_split(node.data_dir, class_names, test_fraction=node.test_fraction,
+                             seed=int(instruction["seed"]), train_list=node.train_list, test_list=node.test_list)
 
 
 def _instruction(msg: Message) -> ConfigRecord:

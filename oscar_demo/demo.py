@@ -17,6 +17,7 @@ from typing import Any
 
 from oscar_common.demo_data import DIGIT_NAMES, make_demo_data
 from oscar_common.tiny import install_tiny_models
+from oscar_common.logs import setup_logging
 from oscar_demo.federation import ClientSpec, LocalFederation
 from oscar_server.report import client_table
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=40, help="demo images per class per client")
     parser.add_argument("--quiet", action="store_true", help="do not stream the federation's logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
 
     started = time.monotonic()
     workdir = args.workdir.resolve()

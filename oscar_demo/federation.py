@@ -54,7 +54,10 @@ class LocalFederation:
         self.stream = stream
         self.logs_dir = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr-home"
-        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1", **(env or {})}
+        # flower-superlink starts flower-superexec by name: the venv's bin must be on PATH.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
         self.superlink_port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -91,10 +94,14 @@ class LocalFederation:
                  self.superlink_port, len(self.clients), self.logs_dir)
 
     def stop(self) -> None:
-        """SIGTERM each process group we started, then SIGKILL what is left."""
+        """SIGTERM what we started (and what it started), then SIGKILL what is left."""
+        # Flower detaches some children (superexec, app processes) into sessions of their own,
+        # so a process-group signal misses them: collect the whole tree by parent PID first.
+        tree = {pid for proc in self.processes.values() for pid in _descendants(proc.pid)}
         for proc in self.processes.values():
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
+        _signal_pids(tree, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.processes.values():
             try:
@@ -102,6 +109,10 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
+        while tree and time.monotonic() < deadline:
+            tree = {pid for pid in tree if Path(f"/proc/{pid}").exists()}
+            time.sleep(0.2)
+        _signal_pids(tree, signal.SIGKILL)
         self.processes.clear()
 
     # ------------------------------------------------------------------ running the app
@@ -192,6 +203,35 @@ def _finished(report: Path) -> bool:
 def _node_config_arg(values: dict[str, Any]) -> str:
     """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values."""
     return " ".join(f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items())
+
+
+def _descendants(root: int) -> set[int]:
+    """PIDs of every live descendant of ``root`` (Linux /proc), whatever session they moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the command name (field 2) may hold spaces; the parent PID follows its closing ')'
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _signal_pids(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

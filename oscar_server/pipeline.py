@@ -15,13 +15,13 @@ import torch
 from transformers import AutoConfig, CLIPTextConfig
 
 from oscar_common.classifier import (
-    ImageListDataset,
     TrainStats,
     build_classifier,
     classifier_to_bytes,
     train_classifier,
     train_transform,
 )
+from oscar_common.data import ImageListDataset
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import ModelNotFoundError, load_clip_text_encoder, load_diffusion_pipeline
@@ -129,7 +129,7 @@ def train_on_synthetic(cfg: OscarConfig, run_dir: RunDirectory, jobs: list[Synth
     model = build_classifier(len(cfg.class_names), pretrained=cfg.classifier_pretrained)
     stats = train_classifier(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                              seed=cfg.seed, device=device)
-    blob = classifier_to_bytes(model.cpu(), {"class_names": "\n".join(cfg.class_names)})
+    blob = classifier_to_bytes(model.cpu(), class_names=cfg.class_names)
     atomic_write_bytes(run_dir.model_path, blob)
     return blob, stats
 

@@ -8,6 +8,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from oscar_common.logs import setup_logging
 from oscar_common.config import OscarConfig
 from oscar_server.report import client_table, write_report
 from oscar_server.run_dir import RunDirectory
@@ -19,7 +20,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     cfg = OscarConfig.from_run_config(context.run_config)
     run_dir = RunDirectory.for_run(cfg, context.run_id)
     run_dir.save_config(cfg)
