@@ -5,7 +5,8 @@ Deployment (one SuperNode per client machine)::
     flower-supernode ... --node-config "data-dir='/data/clipart' name='clipart' output-dir='/data/oscar-out'"
 
 Keys: ``data-dir`` (required; ``<class_name>/*.jpg`` folders), ``name`` (default: the data dir's folder
-name), ``output-dir`` (default: ``<data-dir>/../oscar-output/<name>``), ``test-fraction`` (0.2),
+name), ``output-dir`` (default: ``<data-dir>/.oscar-output``, hidden so it is never read as a class
+and never shifts the simulation's client folders), ``test-fraction`` (0.2),
 ``train-list`` / ``test-list`` (optional split files, one relative image path per line), ``device``
 (``auto``). In local simulation Flower only gives ``partition-id``: client k then reads the k-th
 sub-folder (sorted) of the run config's ``simulation-data-dir``.
@@ -40,7 +41,7 @@ class NodeSettings:
                 "--node-config \"data-dir='/path/to/images' name='my-domain'\""
             )
         name = str(node_config.get("name") or data_dir.name)
-        output_dir = Path(str(node_config.get("output-dir") or data_dir.parent / "oscar-output" / name))
+        output_dir = Path(str(node_config.get("output-dir") or data_dir / ".oscar-output"))
         test_fraction = float(node_config.get("test-fraction", 0.2))
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction}")

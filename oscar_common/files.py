@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,3 +28,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def safe_filename(name: object, max_length: int = 64) -> str:
+    """A file-name-safe form of a client or class name: no separators, no leading dot ('..', hidden)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:max_length].strip("._") or "_"

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from oscar_common.files import safe_filename
+
 FORMAT_VERSION = 1
 ARRAYS_KEY = "oscar.payload"
 META_KEY = "oscar.meta"
@@ -168,7 +170,7 @@ def parse_payload(content: RecordDict, expect: Expectation) -> ClientPayload:
         means=means,
         scheme=scheme,
         encoder_id=encoder_id,
-        client_name=_safe_name(meta.get("client-name")),
+        client_name=safe_filename(meta.get("client-name") or "client"),
         num_images=_as_int(meta.get("num-images", 0)),
         unreadable_images=_as_int(meta.get("unreadable-images", 0)),
         skipped_classes=[str(c) for c in (meta.get("skipped-classes") or [])],
@@ -185,13 +187,6 @@ def _as_int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise PayloadError(f"expected an integer in the metadata, got {value!r}") from None
-
-
-def _safe_name(value: Any) -> str:
-    """Client names end up in file names and reports: keep them short and filesystem-safe."""
-    text = str(value or "").strip()
-    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)[:64].strip(".")
-    return cleaned or "client"
 
 
 # --------------------------------------------------------------------------- server -> client
