@@ -90,7 +90,8 @@ def evaluate_final(msg: Message, context: Context) -> Message:
 
     # Validate before use: architecture, class count and every tensor shape (ClassifierFormatError).
     blob = model_blob(msg.content)
-    model = classifier_from_bytes(blob, expected_num_classes=len(class_names))
+    model = classifier_from_bytes(blob, expected_num_classes=len(class_names),
+                                  expected_class_names=class_names)
     node.output_dir.mkdir(parents=True, exist_ok=True)
     weights_path = node.output_dir / "oscar_resnet18.safetensors"
     atomic_write_bytes(weights_path, blob)

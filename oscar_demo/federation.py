@@ -48,10 +48,13 @@ class LocalFederation:
     """Start with ``with LocalFederation(workdir, clients, env) as fed: fed.run(run_config)``."""
 
     def __init__(self, workdir: Path, clients: list[ClientSpec], env: dict[str, str] | None = None,
-                 stream: bool = True) -> None:
+                 stream: bool = True, simulation_supernodes: int = 0) -> None:
+        """``simulation_supernodes > 0``: a SuperLink in simulation mode with that many virtual
+        SuperNodes (Flower's simulation engine, what ``flwr run .`` uses locally) instead of real ones."""
         self.workdir = Path(workdir).resolve()
         self.clients = clients
         self.stream = stream
+        self.simulation_supernodes = simulation_supernodes
         self.logs_dir = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr-home"
         # flower-superlink starts flower-superexec by name: the venv's bin must be on PATH.
@@ -80,6 +83,7 @@ class LocalFederation:
             _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
             # The project is installed already; per-run installs would need the internet.
             "--disable-runtime-dependency-installation",
+            *(["--simulation"] if self.simulation_supernodes else []),
         ])
         self._wait_for_port(self.superlink_port, "superlink")
         for client in self.clients:
@@ -90,8 +94,9 @@ class LocalFederation:
                 _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
                 "--port", str(free_port()), "--node-config", _node_config_arg(node_config),
             ])
-        log.info("federation up: superlink on 127.0.0.1:%d, %d supernodes (logs in %s)",
-                 self.superlink_port, len(self.clients), self.logs_dir)
+        log.info("federation up: superlink on 127.0.0.1:%d, %d supernodes%s (logs in %s)", self.superlink_port,
+                 self.simulation_supernodes or len(self.clients),
+                 " (simulated)" if self.simulation_supernodes else "", self.logs_dir)
 
     def stop(self) -> None:
         """SIGTERM what we started (and what it started), then SIGKILL what is left."""
@@ -165,8 +170,10 @@ class LocalFederation:
     # ------------------------------------------------------------------ internals
     def _write_connection(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        config = {"superlink": {"default": CONNECTION, CONNECTION: {
-            "address": f"127.0.0.1:{self.superlink_port}", "insecure": True}}}
+        connection: dict[str, Any] = {"address": f"127.0.0.1:{self.superlink_port}", "insecure": True}
+        if self.simulation_supernodes:
+            connection["options"] = {"num-supernodes": self.simulation_supernodes}
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
     def _spawn(self, name: str, command: list[str]) -> None:
