@@ -1,0 +1,169 @@
+"""Load the frozen models (BLIP captioner, CLIP text encoders, Stable Diffusion) by hub id or local dir.
+
+Every loader takes a Hugging Face hub id (``"openai/clip-vit-base-patch32"``) or a local directory
+written by ``save_pretrained``. Offline machines work through the hub cache: ``HF_HUB_CACHE`` names the
+cache and ``HF_HUB_OFFLINE=1`` stops any network access. Both variables are read when a loader is
+called (``huggingface_hub`` itself reads them once, at import), and ``cache_dir`` overrides the cache.
+A model that is not there raises :class:`ModelNotFoundError`, which says how to fetch it. Do set
+``HF_HUB_OFFLINE=1`` on machines without network access: otherwise the hub client asks huggingface.co
+about every file, retrying for minutes, even when the model is cached.
+
+All models come back in eval mode with gradients off: OSCAR never trains them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import (
+    BlipForConditionalGeneration,
+    BlipProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from oscar_common.config import SCHEDULERS
+
+log = logging.getLogger(__name__)
+
+CacheDir = str | Path | None
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model id is neither a local directory nor in the local hub cache (and cannot be downloaded)."""
+
+    def __init__(self, model_id: str, cache_dir: CacheDir = None, reason: str = "") -> None:
+        cache = cache_dir or os.environ.get("HF_HUB_CACHE") or "the default Hugging Face cache"
+        where = "HF_HUB_OFFLINE=1" if _offline() else "and the hub could not provide it"
+        super().__init__(
+            f"model {model_id!r} was not found locally (looked in {cache}; {where}). "
+            f"Fetch it on a machine with internet with `hf download {model_id}` (huggingface_hub CLI), "
+            f"then copy that cache here and point HF_HUB_CACHE at it, or pass a local directory path "
+            f"(written by save_pretrained / `hf download {model_id} --local-dir DIR`) instead of the id."
+            + (f" Cause: {reason}" if reason else "")
+        )
+        self.model_id = model_id
+
+
+def _offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_kwargs(cache_dir: CacheDir) -> dict[str, Any]:
+    """``from_pretrained`` arguments that honour HF_HUB_CACHE / HF_HUB_OFFLINE as they are *now*."""
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE")
+    return {"cache_dir": str(cache) if cache else None, "local_files_only": _offline()}
+
+
+@contextlib.contextmanager
+def _translate_missing(model_id: str, cache_dir: CacheDir) -> Iterator[None]:
+    """Turn the hub's many "not found / offline" errors (all OSError subclasses) into ModelNotFoundError.
+
+    A local directory that fails to load is broken rather than missing: its error passes through.
+    """
+    if not Path(model_id).is_dir():
+        try:  # a path that does not exist ("./models/blip") is no hub id either: say so, not "bad repo id"
+            validate_repo_id(model_id)
+        except HFValidationError as exc:
+            raise ModelNotFoundError(model_id, _hub_kwargs(cache_dir)["cache_dir"],
+                                     f"not an existing directory, nor a hub id ({exc})") from exc
+    try:
+        yield
+    except OSError as exc:
+        if Path(model_id).is_dir():
+            raise
+        raise ModelNotFoundError(model_id, _hub_kwargs(cache_dir)["cache_dir"], str(exc).splitlines()[0]) from exc
+
+
+class _CLIPTextTower(CLIPTextModelWithProjection):
+    """CLIPTextModelWithProjection that expects a full CLIP checkpoint: skipping its vision tower is the
+    point, so those keys are not reported as unexpected (missing text keys still are)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_captioner(
+    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
+    """BLIP image captioner (paper: Salesforce/blip-image-captioning-base) and its processor."""
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        processor = BlipProcessor.from_pretrained(model_id, **kwargs)
+        model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **kwargs)
+    log.info("loaded captioner %s on %s (%s)", model_id, device, dtype)
+    return processor, _frozen(model, device)
+
+
+def load_clip_text_encoder(
+    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+) -> tuple[CLIPTokenizer, CLIPTextModelWithProjection]:
+    """The text tower + projection of a CLIP checkpoint (a full CLIPModel repo: the vision tower is skipped)."""
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, **kwargs)
+        model = _CLIPTextTower.from_pretrained(model_id, dtype=dtype, **kwargs)
+    log.info("loaded CLIP text encoder %s (projection %d) on %s", model_id, model.config.projection_dim, device)
+    return tokenizer, _frozen(model, device)
+
+
+def load_diffusion_text_encoder(
+    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """A Stable Diffusion repo's own text encoder (``tokenizer/`` and ``text_encoder/`` subfolders)."""
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        # CLIPTokenizer, not AutoTokenizer: the latter wants a config.json that tokenizer/ does not have.
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
+        model = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", dtype=dtype, **kwargs)
+    log.info("loaded diffusion text encoder %s (hidden %d) on %s", model_id, model.config.hidden_size, device)
+    return tokenizer, _frozen(model, device)
+
+
+def load_diffusion_pipeline(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheduler: str = "ddim",
+    cache_dir: CacheDir = None,
+) -> StableDiffusionPipeline:
+    """Stable Diffusion text-to-image pipeline without the safety checker.
+
+    ``scheduler``: ``"ddim"`` as in the official OSCAR code (DDIM over the checkpoint's own betas, SD 1.x:
+    0.00085..0.012 scaled_linear), ``"pndm"`` (SD 1.x's default), ``"default"`` keeps the checkpoint's.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        # The synthetic images train a classifier; NSFW filtering would only blacken some of them.
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    elif scheduler == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    # One short-lived bar per batch: keep it off the log once done.
+    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    log.info("loaded diffusion pipeline %s on %s (%s, scheduler %s)", model_id, device, dtype,
+             type(pipe.scheduler).__name__)
+    return pipe

@@ -1,0 +1,97 @@
+"""Model loading by hub id through a Hugging Face cache (tiny models from oscar_common.tiny), offline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+from PIL import Image
+from transformers import BlipForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection
+
+from oscar_common import models
+from oscar_common.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, install_tiny_models
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+
+
+@pytest.fixture
+def offline_hub(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny models reached the way a deployment reaches real ones: HF_HUB_CACHE + HF_HUB_OFFLINE=1."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tiny_hub
+
+
+def test_install_is_idempotent_and_deterministic(tiny_hub: Path, tmp_path: Path) -> None:
+    again = install_tiny_models(tiny_hub)  # already there: nothing rebuilt, same snapshots
+    fresh = install_tiny_models(tmp_path)
+    for model_id, snapshot in again.items():
+        assert (snapshot.parent.parent / "refs" / "main").read_text() == snapshot.name
+        assert len(snapshot.name) == 40
+        # same seed -> same snapshot hash and byte-identical weights
+        assert fresh[model_id].name == snapshot.name
+    weights = "text_encoder/model.safetensors"
+    assert (fresh[DIFFUSION_ID] / weights).read_bytes() == (again[DIFFUSION_ID] / weights).read_bytes()
+    assert not list(tmp_path.glob(".tmp-*")), "temporary build folders left behind"
+
+
+def test_captioner_by_hub_id(offline_hub: Path) -> None:
+    processor, model = models.load_captioner(CAPTIONER_ID, CPU, F32)
+    assert isinstance(model, BlipForConditionalGeneration)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    inputs = processor(images=[Image.new("RGB", (40, 30), "red")], return_tensors="pt")
+    text = processor.batch_decode(model.generate(**inputs, max_new_tokens=8), skip_special_tokens=True)[0]
+    assert text.strip() and "[DEC]" not in text
+
+
+def test_clip_text_tower_from_full_clip_checkpoint(offline_hub: Path) -> None:
+    tokenizer, model = models.load_clip_text_encoder(CLIP_ID, CPU, F32)
+    assert isinstance(model, CLIPTextModelWithProjection)
+    assert model.config.projection_dim == 512 and tokenizer.model_max_length == 77
+    assert len(tokenizer) == 49408  # the real CLIP BPE vocabulary
+    ids = tokenizer("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # same ids as openai/clip-vit-base-patch32
+    assert model(input_ids=torch.tensor([ids])).text_embeds.shape == (1, 512)
+
+
+def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
+    tokenizer, text_encoder = models.load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32)
+    assert isinstance(text_encoder, CLIPTextModel) and tokenizer.model_max_length == 77
+
+    pipe = models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32)  # default: DDIM, as the official code
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
+    assert not pipe.scheduler.config.clip_sample and not pipe.scheduler.config.set_alpha_to_one
+    image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)
+
+    assert isinstance(models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, "pndm").scheduler, PNDMScheduler)
+    with pytest.raises(ValueError):
+        models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, "euler")
+
+
+def test_explicit_cache_dir_and_local_dir(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, model = models.load_clip_text_encoder(CLIP_ID, CPU, F32, cache_dir=tiny_hub)
+    snapshot = install_tiny_models(tiny_hub)[CLIP_ID]
+    _, from_dir = models.load_clip_text_encoder(str(snapshot), CPU, F32)
+    assert torch.equal(model.text_projection.weight, from_dir.text_projection.weight)
+
+
+@pytest.mark.parametrize("model_id", ["nobody/does-not-exist", "./no/such/dir"])
+@pytest.mark.parametrize("loader", [models.load_captioner, models.load_clip_text_encoder,
+                                    models.load_diffusion_text_encoder, models.load_diffusion_pipeline])
+def test_missing_model_fails_fast_and_says_how_to_fetch(offline_hub: Path, loader, model_id: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(models.ModelNotFoundError) as info:
+        loader(model_id, CPU, F32)
+    assert time.perf_counter() - start < 15
+    message = str(info.value)
+    assert repr(model_id) in message and f"hf download {model_id}" in message
+    assert "HF_HUB_OFFLINE" in message and "HF_HUB_CACHE" in message
