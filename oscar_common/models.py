@@ -26,6 +26,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import (
     BlipForConditionalGeneration,
     BlipProcessor,
+    CLIPConfig,
+    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
@@ -167,3 +169,16 @@ def load_diffusion_pipeline(
     log.info("loaded diffusion pipeline %s on %s (%s, scheduler %s)", model_id, device, dtype,
              type(pipe.scheduler).__name__)
     return pipe
+
+
+def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -> int:
+    """The size of what clients upload per class and position, from the encoder's config alone.
+
+    ``pooled``: the CLIP projection dim (512 for ViT-B/32); ``tokens``: the SD text encoder's hidden size.
+    The server calls this before contacting any client, so a missing model fails the run at once.
+    """
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        if scheme == "pooled":
+            return int(CLIPConfig.from_pretrained(model_id, **kwargs).projection_dim)
+        return int(CLIPTextConfig.from_pretrained(model_id, subfolder="text_encoder", **kwargs).hidden_size)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, CLIPTextConfig
 
 from oscar_common.classifier import (
     TrainStats,
@@ -24,7 +23,7 @@ from oscar_common.classifier import (
 from oscar_common.data import ImageListDataset
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.models import ModelNotFoundError, load_clip_text_encoder, load_diffusion_pipeline
+from oscar_common.models import load_clip_text_encoder, load_diffusion_pipeline
 from oscar_common.payload import ClientPayload
 from oscar_server.inversion import invert_embeddings
 from oscar_server.run_dir import RunDirectory
@@ -41,18 +40,6 @@ class SynthesisSummary:
     seconds: float
     jobs: list[SynthesisJob] = field(default_factory=list)  # every image of the set, with its path
     prompts: list[dict[str, Any]] = field(default_factory=list)
-
-
-def expected_feature_dim(cfg: OscarConfig) -> int:
-    """Dimension clients must upload, read from the encoder's config (fails fast if it is missing)."""
-    model_id = cfg.client_encoder_id
-    try:
-        if cfg.scheme == "pooled":
-            config = AutoConfig.from_pretrained(model_id)
-            return int(getattr(config, "projection_dim", None) or config.text_config.projection_dim)
-        return int(CLIPTextConfig.from_pretrained(model_id, subfolder="text_encoder").hidden_size)
-    except OSError as exc:
-        raise ModelNotFoundError(model_id) from exc
 
 
 def synthesize(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDirectory,

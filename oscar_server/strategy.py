@@ -36,7 +36,8 @@ from oscar_common.payload import (
     parse_payload,
     wire_size,
 )
-from oscar_server.pipeline import SynthesisSummary, expected_feature_dim, synthesize, train_on_synthetic
+from oscar_common.models import text_embedding_dim
+from oscar_server.pipeline import SynthesisSummary, synthesize, train_on_synthetic
 from oscar_server.run_dir import RunDirectory
 
 log = logging.getLogger("oscar.server")
@@ -78,8 +79,10 @@ class OscarStrategy(Strategy):
         self.state = RunState()
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        # Reading the encoder's config first also fails the run at once if the model is missing here.
         self._expect = Expectation(scheme=cfg.scheme, encoder_id=cfg.client_encoder_id,
-                                   num_classes=len(cfg.class_names), feature_dim=expected_feature_dim(cfg),
+                                   num_classes=len(cfg.class_names),
+                                   feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id),
                                    max_bytes=cfg.max_payload_bytes)
         self._handled: set[str] = set()  # reply message ids already validated
 

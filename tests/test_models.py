@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection
 
 from oscar_common import models
-from oscar_common.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, install_tiny_models
+from oscar_common.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, TEXT_HIDDEN, install_tiny_models
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -95,3 +95,10 @@ def test_missing_model_fails_fast_and_says_how_to_fetch(offline_hub: Path, loade
     message = str(info.value)
     assert repr(model_id) in message and f"hf download {model_id}" in message
     assert "HF_HUB_OFFLINE" in message and "HF_HUB_CACHE" in message
+
+
+def test_text_embedding_dim_from_config_only(offline_hub: Path) -> None:
+    assert models.text_embedding_dim("pooled", CLIP_ID) == 512
+    assert models.text_embedding_dim("tokens", DIFFUSION_ID) == TEXT_HIDDEN
+    with pytest.raises(models.ModelNotFoundError, match="nobody/nothing"):
+        models.text_embedding_dim("pooled", "nobody/nothing")
