@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="do not stream the federation's logs")
     args = parser.parse_args(argv)
     setup_logging()
+    # `kill <pid>` and Ctrl-C both unwind through LocalFederation.__exit__, which stops every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     started = time.monotonic()
     workdir = args.workdir.resolve()
