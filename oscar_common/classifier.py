@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision.transforms import v2
 from tqdm import tqdm
+
+from oscar_common.files import atomic_write_bytes
+from oscar_common.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -140,26 +142,39 @@ def train_classifier(
     gamma: float = 0.1,
     num_workers: int = 0,
     log_every_epoch: bool = True,
+    checkpoint: Path | None = None,
 ) -> TrainStats:
-    """Train in place with SGD + StepLR and cross-entropy; deterministic given ``seed`` on CPU."""
+    """Train in place with SGD + StepLR and cross-entropy; deterministic given ``seed`` on CPU.
+
+    With ``checkpoint``, the state is saved there after every epoch and, if the file exists at the
+    start, training continues after its last epoch. Every epoch reseeds the shuffling and the
+    augmentations from (seed, epoch), so a resumed run replays the epochs an uninterrupted one would.
+    """
     n = len(dataset)
     if n < 2:
         raise ValueError(f"need at least 2 training images (BatchNorm), got {n}")
-    torch.manual_seed(seed)  # also drives the random augmentations when num_workers == 0
     device = torch.device(device)
     model.to(device).train()
+    shuffle = torch.Generator()
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=shuffle,
         drop_last=n % batch_size == 1 and n > batch_size,  # a batch of one breaks BatchNorm
         pin_memory=device.type == "cuda",
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     criterion = nn.CrossEntropyLoss()
-    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0)
+    progress = TrainingProgress()
+    if checkpoint is not None and Path(checkpoint).exists():
+        progress = load_checkpoint(Path(checkpoint), model, optimizer, scheduler)
+        logger.info("resuming training from %s after epoch %d/%d", checkpoint, progress.epoch, epochs)
+    # stats shares the history lists with progress: what an epoch appends is also checkpointed
+    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0, losses=progress.losses,
+                       accuracies=progress.accuracies)
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(progress.epoch + 1, epochs + 1):
+        torch.manual_seed(seed * 100_003 + epoch)  # the augmentations (num_workers == 0)
+        shuffle.manual_seed(seed * 100_003 + epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         for inputs, labels in tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch"):
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -177,6 +192,9 @@ def train_classifier(
         if log_every_epoch:
             logger.info("epoch %d/%d loss %.4f acc %.4f", epoch, epochs, stats.losses[-1],
                         stats.accuracies[-1])
+        if checkpoint is not None:
+            progress.epoch = epoch
+            save_checkpoint(Path(checkpoint), model, optimizer, scheduler, progress)
     stats.seconds = time.perf_counter() - start
     stats.train_accuracy = stats.accuracies[-1] if stats.accuracies else 0.0
     return stats
@@ -241,19 +259,7 @@ def save_classifier(
     class_names: Sequence[str] | None = None,
 ) -> None:
     """Write :func:`classifier_to_bytes` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = classifier_to_bytes(model, metadata, class_names=class_names)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), classifier_to_bytes(model, metadata, class_names=class_names))
 
 
 def read_classifier_header(blob: bytes) -> tuple[dict[str, str], dict[str, list[int]]]:

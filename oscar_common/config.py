@@ -58,6 +58,7 @@ class OscarConfig:
     max_payload_bytes: int = 64 * 1024 * 1024
     run_dir: str = "runs"
     run_name: str = ""
+    resume: bool = True
     simulation_data_dir: str = "demo/data"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 

@@ -63,6 +63,7 @@ class LocalFederation:
                     **(env or {})}
         self.superlink_port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
+        self._submissions = 0
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "LocalFederation":
@@ -122,40 +123,58 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ running the app
     def run(self, run_config: dict[str, Any], timeout: float = 1800) -> Path:
-        """``flwr run`` the OSCAR app with these overrides; returns the run's report.json.
+        """``flwr run`` the OSCAR app with these overrides and wait; returns the run's report.json.
 
         ``run_config`` must hold ``run-dir`` (absolute) and ``run-name``: that is where the report lands.
         """
-        report = Path(run_config["run-dir"]) / run_config["run-name"] / "report.json"
-        overrides = self.workdir / f"{run_config['run-name']}.toml"
+        submission = self.submit(run_config)
+        try:
+            return self.wait(submission, timeout)
+        finally:
+            self.cancel(submission)
+
+    def submit(self, run_config: dict[str, Any]) -> "Submission":
+        """Start ``flwr run --stream`` for this run config and return at once."""
+        name = run_config["run-name"]
+        overrides = self.workdir / f"{name}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
         command = [_bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream", "--run-config", str(overrides)]
-        log_path = self.logs_dir / f"flwr-run-{run_config['run-name']}.log"
+        self._submissions += 1
+        log_path = self.logs_dir / f"flwr-run-{name}-{self._submissions}.log"
         log.info("$ %s", " ".join(command))
         proc = subprocess.Popen(command, env=self.env, cwd=PROJECT_DIR, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.processes["flwr-run"] = proc
+        self.processes[f"flwr-run-{name}"] = proc
         pump = threading.Thread(target=self._pump, args=(proc, log_path), daemon=True)
         pump.start()
+        report = Path(run_config["run-dir"]) / name / "report.json"
+        return Submission(name=name, proc=proc, pump=pump, report=report, log_path=log_path)
+
+    def wait(self, submission: "Submission", timeout: float) -> Path:
+        """Until the run's report says it is over (`flwr run --stream` itself keeps following logs)."""
         deadline = time.monotonic() + timeout
-        try:
-            # `flwr run --stream` follows the logs; the run is over when the report says so.
-            while not _finished(report):
-                self._check_alive()
-                if proc.poll() is not None and not _finished(report):
-                    time.sleep(2)  # the stream may end a moment before the report is renamed into place
-                    if not _finished(report):
-                        raise RuntimeError(f"flwr run exited ({proc.returncode}) without a finished report at "
-                                           f"{report}; see {log_path} and {self.logs_dir}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see {log_path}")
-                time.sleep(0.5)
-        finally:
-            _signal_group(proc, signal.SIGTERM)
-            proc.wait(timeout=10)
-            pump.join(timeout=5)
-            self.processes.pop("flwr-run", None)
-        return report
+        while not _finished(submission.report):
+            self._check_alive()
+            if submission.proc.poll() is not None:
+                time.sleep(2)  # the stream may end a moment before the report is renamed into place
+                if not _finished(submission.report):
+                    raise RuntimeError(f"flwr run exited ({submission.proc.returncode}) without a finished "
+                                       f"report at {submission.report}; see {submission.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see {submission.log_path}")
+            time.sleep(0.5)
+        return submission.report
+
+    def cancel(self, submission: "Submission") -> None:
+        """Stop following the run's logs (the run itself lives in the SuperLink)."""
+        _signal_group(submission.proc, signal.SIGTERM)
+        submission.proc.wait(timeout=10)
+        submission.pump.join(timeout=5)
+        self.processes.pop(f"flwr-run-{submission.name}", None)
+
+    def server_app_pids(self) -> list[int]:
+        """PIDs of the ServerApp processes the SuperLink started (to simulate a server crash)."""
+        return [pid for pid in _descendants(self.processes["superlink"].pid) if _is_server_app(pid)]
 
     def _pump(self, proc: subprocess.Popen, log_path: Path) -> None:
         assert proc.stdout is not None
@@ -194,8 +213,24 @@ class LocalFederation:
 
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():
-            if name != "flwr-run" and proc.poll() is not None:
+            if not name.startswith("flwr-run") and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.logs_dir / (name + '.log')}")
+
+
+@dataclass
+class Submission:
+    name: str
+    proc: subprocess.Popen
+    pump: threading.Thread
+    report: Path
+    log_path: Path
+
+
+def _is_server_app(pid: int) -> bool:
+    try:
+        return b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _finished(report: Path) -> bool:

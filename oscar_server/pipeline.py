@@ -6,6 +6,7 @@ Kept apart from the Flower strategy so it can be read, tested and rerun without 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import load_clip_text_encoder, load_diffusion_pipeline
 from oscar_common.payload import ClientPayload
-from oscar_server.inversion import invert_embeddings
+from oscar_server.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.run_dir import RunDirectory
 from oscar_server.synthesis import SynthesisJob, generate_images, jobs_for_embeddings, jobs_for_prompts
 
@@ -48,7 +49,7 @@ def synthesize(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDire
     started = time.monotonic()
     prompts: list[dict[str, Any]] = []
     if cfg.scheme == "pooled":
-        jobs, prompts = _prompt_jobs(cfg, payloads, device)
+        jobs, prompts = _prompt_jobs(cfg, payloads, run_dir, device)
         atomic_write_json(run_dir.prompts_path, prompts)
         log.info("decoded %d prompts (mean cosine %.3f); saved to %s", len(prompts),
                  sum(p["cosine"] for p in prompts) / max(1, len(prompts)), run_dir.prompts_path)
@@ -65,16 +66,18 @@ def synthesize(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDire
                             seconds=time.monotonic() - started, jobs=jobs, prompts=prompts)
 
 
-def _prompt_jobs(cfg: OscarConfig, payloads: list[ClientPayload],
+def _prompt_jobs(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDirectory,
                  device: torch.device) -> tuple[list[SynthesisJob], list[dict[str, Any]]]:
     """pooled: invert all means in one batch into hard prompts, then prefix the class name."""
-    # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
-    tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
-    targets = torch.cat([torch.from_numpy(p.means) for p in payloads]).to(device)
-    inverted = invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
-                                 steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed)
-    del text_model
-    _release_memory()
+    inverted = _saved_prompts(run_dir, payloads)
+    if inverted is None:
+        # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
+        tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
+        targets = torch.cat([torch.from_numpy(p.means) for p in payloads]).to(device)
+        inverted = invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
+                                     steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed)
+        del text_model
+        _release_memory()
 
     jobs: list[SynthesisJob] = []
     records: list[dict[str, Any]] = []
@@ -92,6 +95,18 @@ def _prompt_jobs(cfg: OscarConfig, payloads: list[ClientPayload],
                      "decoded": d.text, "cosine": round(float(d.cosine), 4), "prompt": text}
                     for c, name, d, text in zip(class_ids, class_names, decoded, texts)]
     return jobs, records
+
+
+def _saved_prompts(run_dir: RunDirectory, payloads: list[ClientPayload]) -> list[InvertedPrompt] | None:
+    """A resumed run reuses the prompts it decoded before (inversion on a GPU is not bit-reproducible)."""
+    if not run_dir.prompts_path.exists():
+        return None
+    saved = {(p["client"], p["class_id"]): p for p in json.loads(run_dir.prompts_path.read_text())}
+    keys = [(p.client_name, c) for p in payloads for c in p.class_ids.tolist()]
+    if not all(key in saved for key in keys):
+        return None
+    log.info("reusing the %d decoded prompts in %s", len(keys), run_dir.prompts_path)
+    return [InvertedPrompt(text=saved[key]["decoded"], cosine=saved[key]["cosine"]) for key in keys]
 
 
 def _embedding_jobs(cfg: OscarConfig, payloads: list[ClientPayload]) -> list[SynthesisJob]:
@@ -115,7 +130,7 @@ def train_on_synthetic(cfg: OscarConfig, run_dir: RunDirectory, jobs: list[Synth
              len(cfg.class_names), cfg.epochs)
     model = build_classifier(len(cfg.class_names), pretrained=cfg.classifier_pretrained)
     stats = train_classifier(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                             seed=cfg.seed, device=device)
+                             seed=cfg.seed, device=device, checkpoint=run_dir.checkpoint_path)
     blob = classifier_to_bytes(model.cpu(), class_names=cfg.class_names)
     atomic_write_bytes(run_dir.model_path, blob)
     return blob, stats

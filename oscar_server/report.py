@@ -42,6 +42,7 @@ def build_report(cfg: OscarConfig, state: RunState, status: str, error: str | No
     return {
         "status": status,
         "error": error,
+        "resumed": state.resumed,
         "config": cfg.to_dict(),
         "clients": clients,
         "rejected": state.rejected,

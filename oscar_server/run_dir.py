@@ -5,8 +5,10 @@
     <run-dir>/<run-name>/
         config.json                  the OscarConfig of this run
         payloads/<client>.safetensors each accepted upload, written atomically as it arrives
+        uploads.json                 written when the upload round is over: who was accepted or rejected
         prompts.json                 decoded prompts (pooled scheme), one per (client, class)
         synthetic/<class>/<client>__c<id>__<index>.png   ImageFolder of generated images
+        checkpoint.safetensors       training state after the last finished epoch
         model.safetensors            the trained ResNet-18
         report.json, report.md, samples.png
 """
@@ -47,6 +49,14 @@ class RunDirectory:
     @property
     def prompts_path(self) -> Path:
         return self.root / "prompts.json"
+
+    @property
+    def uploads_path(self) -> Path:
+        return self.root / "uploads.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "checkpoint.safetensors"
 
     @property
     def model_path(self) -> Path:
@@ -98,3 +108,21 @@ class RunDirectory:
             skipped_classes=json.loads(meta["skipped_classes"]), format_version=int(meta["format_version"]),
         )
         return payload, int(meta["node_id"])
+
+    def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[dict]) -> None:
+        """Mark the upload round as over: (node id, client name, upload bytes) of each accepted upload."""
+        atomic_write_json(self.uploads_path, {
+            "accepted": [{"node_id": n, "client_name": c, "upload_bytes": b} for n, c, b in accepted],
+            "rejected": rejected,
+        })
+
+    def load_upload_round(self) -> tuple[list[tuple[ClientPayload, int, int]], list[dict]] | None:
+        """The finished upload round, or None if it never finished (then clients must upload again)."""
+        if not self.uploads_path.exists():
+            return None
+        record = json.loads(self.uploads_path.read_text())
+        accepted = []
+        for entry in record["accepted"]:
+            payload, node_id = self.load_payload(self.payloads_dir / f"{entry['client_name']}.safetensors")
+            accepted.append((payload, node_id, int(entry["upload_bytes"])))
+        return accepted, list(record["rejected"])

@@ -66,6 +66,7 @@ class RunState:
     synthesis: SynthesisSummary | None = None
     training: TrainStats | None = None
     training_images: int = 0
+    resumed: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -132,8 +133,13 @@ class OscarStrategy(Strategy):
             }),
         })
         size = wire_size(content)
+        connected = set(grid.get_node_ids())
         messages = []
         for node_id, client in self.state.clients.items():
+            if node_id not in connected:  # e.g. gone while the server was synthesising, or before a resume
+                client.evaluation = {"error": "not connected when the model was broadcast"}
+                log.warning("node %s (%s) is not connected: no model sent", node_id, client.payload.client_name)
+                continue
             client.download_bytes = size
             messages.append(Message(content=content, dst_node_id=node_id, message_type=EVALUATE_MESSAGE_TYPE))
         log.info("broadcasting the trained model (%d bytes) to %d nodes", size, len(messages))
@@ -176,13 +182,17 @@ class OscarStrategy(Strategy):
         if num_rounds != 1:
             raise ValueError("OSCAR is one-shot: num_rounds must be 1")
         self.summary()
-        train_messages = list(self.configure_train(1, initial_arrays or ArrayRecord(), train_config or ConfigRecord(),
-                                                   grid))
-        started = time.monotonic()
-        replies = self._send_and_collect(grid, train_messages, self.cfg.train_timeout, "upload",
-                                         on_reply=self.accept_upload)
-        self.state.timings["upload"] = time.monotonic() - started
-        arrays, _ = self.aggregate_train(1, replies)
+        if not self._resume_upload_round():
+            train_messages = list(self.configure_train(1, initial_arrays or ArrayRecord(),
+                                                       train_config or ConfigRecord(), grid))
+            started = time.monotonic()
+            self._send_and_collect(grid, train_messages, self.cfg.train_timeout, "upload",
+                                   on_reply=self.accept_upload)
+            self.state.timings["upload"] = time.monotonic() - started
+            self.run_dir.save_upload_round(
+                [(c.node_id, c.payload.client_name, c.upload_bytes) for c in self.state.clients.values()],
+                self.state.rejected)
+        arrays, _ = self.aggregate_train(1, [])  # every reply was handled as it arrived
 
         eval_messages = list(self.configure_evaluate(1, arrays, evaluate_config or ConfigRecord(), grid))
         started = time.monotonic()
@@ -190,6 +200,23 @@ class OscarStrategy(Strategy):
         self.state.timings["evaluation"] = time.monotonic() - started
         self.aggregate_evaluate(1, replies)
         return self.state
+
+    def _resume_upload_round(self) -> bool:
+        """Take the uploads of a finished upload round from the run dir instead of asking again."""
+        saved = self.run_dir.load_upload_round()
+        if saved is None:
+            return False
+        if not self.cfg.resume:
+            raise RuntimeError(f"{self.run_dir.root} already holds a finished upload round: set resume=true "
+                               "to continue that run, or choose another run-name")
+        accepted, rejected = saved
+        for payload, node_id, upload_bytes in accepted:
+            self.state.clients[node_id] = ClientRecord(node_id=node_id, payload=payload, upload_bytes=upload_bytes)
+        self.state.rejected = rejected
+        self.state.resumed = True
+        log.info("resuming %s: %d uploads from the run dir, no new upload round (%d rejected before)",
+                 self.run_dir.root, len(accepted), len(rejected))
+        return True
 
     def accept_upload(self, reply: Message) -> None:
         """Validate one upload and persist it at once; a bad one is logged and rejected."""
