@@ -10,6 +10,13 @@ and never shifts the simulation's client folders), ``test-fraction`` (0.2),
 ``train-list`` / ``test-list`` (optional split files, one relative image path per line), ``device``
 (``auto``). In local simulation Flower only gives ``partition-id``: client k then reads the k-th
 sub-folder (sorted) of the run config's ``simulation-data-dir``.
+
+A node can instead read its share of a benchmark (``oscar_common.benchmarks``)::
+
+    --node-config "benchmark='domainnet' benchmark-root='/data/domainnet' client='clipart'"
+
+The run config's benchmark keys (``benchmark``, ``benchmark-root``, ``train-shots``, ...) are defaults for
+every node; in local simulation they select the benchmark and client k is its k-th client.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from oscar_common.benchmarks import benchmark_client_name, benchmark_config
 
 
 @dataclass(frozen=True)
@@ -28,9 +37,13 @@ class NodeSettings:
     train_list: Path | None = None
     test_list: Path | None = None
     device: str = "auto"
+    benchmark: Mapping[str, Any] | None = None  # benchmark keys, when this node reads a benchmark
 
     @classmethod
     def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "NodeSettings":
+        benchmark = benchmark_config(node_config, run_config)
+        if benchmark is not None:
+            return cls._for_benchmark(node_config, benchmark)
         if "data-dir" in node_config:
             data_dir = Path(str(node_config["data-dir"])).expanduser()
         elif "partition-id" in node_config:
@@ -54,6 +67,15 @@ class NodeSettings:
             test_list=_optional_path(node_config.get("test-list")),
             device=str(node_config.get("device", "auto")),
         )
+
+    @classmethod
+    def _for_benchmark(cls, node_config: Mapping[str, Any], benchmark: Mapping[str, Any]) -> "NodeSettings":
+        root = Path(str(benchmark.get("benchmark-root", ""))).expanduser()
+        name = str(node_config.get("name") or benchmark_client_name(benchmark))
+        # Several clients share one benchmark root (always in simulation): one output folder each.
+        output_dir = Path(str(node_config.get("output-dir") or root / ".oscar-output" / name)).expanduser()
+        return cls(data_dir=root, name=name, output_dir=output_dir,
+                   device=str(node_config.get("device", "auto")), benchmark=dict(benchmark))
 
 
 def _optional_path(value: Any) -> Path | None:

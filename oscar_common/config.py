@@ -60,6 +60,15 @@ class OscarConfig:
     run_name: str = ""
     resume: bool = True
     simulation_data_dir: str = "demo/data"
+    # --- benchmarks (oscar_common.benchmarks): run-wide defaults of every client's benchmark keys ---
+    benchmark: str = ""
+    benchmark_root: str = ""
+    train_shots: int = 0
+    test_shots: int = 0
+    num_clients: int = 0
+    alpha: float = 0.5
+    split_dir: str = ""
+    test_root: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

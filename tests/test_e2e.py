@@ -103,3 +103,15 @@ def test_simulation_engine(tmp_path: Path, tiny_hub: Path, demo_clients: dict[st
     assert report["status"] == "completed", report["error"]
     assert sorted(c["name"] for c in report["clients"]) == sorted(demo_clients)
     assert all(c["test_accuracy"] is not None for c in report["clients"])
+
+
+def test_benchmark_clients(tmp_path: Path, tiny_hub: Path, demo_clients: dict[str, Path]) -> None:
+    """The demo's domains read as the `domains` benchmark, chosen by each SuperNode's node config;
+    train-shots and test-shots bound what each client uses (simulation's mapping: test_benchmarks.py)."""
+    data_root = next(iter(demo_clients.values())).parent
+    domains = sorted(demo_clients)[:2]
+    clients = [ClientSpec(d, tmp_path / "unused", {"benchmark": "domains", "benchmark-root": str(data_root),
+                                                   "client": d, "test-shots": 1}) for d in domains]
+    report = _run(tmp_path, tiny_hub, clients, **{"train-shots": 3})
+    assert sorted(c["name"] for c in report["clients"]) == domains
+    assert all(c["num_images"] == 3 * 10 and c["num_test"] == 10 for c in report["clients"])
