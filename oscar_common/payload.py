@@ -177,6 +177,13 @@ def parse_payload(content: RecordDict, expect: Expectation) -> ClientPayload:
     )
 
 
+def claimed_name(content: RecordDict) -> str | None:
+    """The client name a reply states, if any: for log lines about replies that failed validation."""
+    meta = content.config_records.get(META_KEY)
+    name = meta.get("client-name") if meta is not None else None
+    return safe_filename(name) if isinstance(name, str) and name else None
+
+
 def _check_dtype(name: str, array: np.ndarray, dtype: Any) -> None:
     if array.dtype != dtype:
         raise PayloadError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype.name}")

@@ -122,23 +122,25 @@ class LocalFederation:
         self.processes.clear()
 
     # ------------------------------------------------------------------ running the app
-    def run(self, run_config: dict[str, Any], timeout: float = 1800) -> Path:
+    def run(self, run_config: dict[str, Any], timeout: float = 1800, app_dir: Path = PROJECT_DIR) -> Path:
         """``flwr run`` the OSCAR app with these overrides and wait; returns the run's report.json.
 
         ``run_config`` must hold ``run-dir`` (absolute) and ``run-name``: that is where the report lands.
         """
-        submission = self.submit(run_config)
+        submission = self.submit(run_config, app_dir)
         try:
             return self.wait(submission, timeout)
         finally:
             self.cancel(submission)
 
-    def submit(self, run_config: dict[str, Any]) -> "Submission":
-        """Start ``flwr run --stream`` for this run config and return at once."""
+    def submit(self, run_config: dict[str, Any], app_dir: Path = PROJECT_DIR) -> "Submission":
+        """Start ``flwr run --stream`` for this run config and return at once.
+
+        ``app_dir``: the Flower app project to run (the OSCAR app unless a test brings its own)."""
         name = run_config["run-name"]
         overrides = self.workdir / f"{name}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
-        command = [_bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream", "--run-config", str(overrides)]
+        command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
         self._submissions += 1
         log_path = self.logs_dir / f"flwr-run-{name}-{self._submissions}.log"
         log.info("$ %s", " ".join(command))
@@ -171,6 +173,18 @@ class LocalFederation:
         submission.proc.wait(timeout=10)
         submission.pump.join(timeout=5)
         self.processes.pop(f"flwr-run-{submission.name}", None)
+
+    def wait_for_supernodes(self, timeout: float = 120) -> None:
+        """Until every SuperNode has registered with the SuperLink (its log shows its node id)."""
+        deadline = time.monotonic() + timeout
+        for client in self.clients:
+            log_path = self.logs_dir / f"supernode-{client.name}.log"
+            while "SuperNode ID:" not in log_path.read_text(errors="replace"):
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"supernode {client.name} did not connect within {timeout:.0f}s; "
+                                       f"see {log_path}")
+                time.sleep(0.2)
 
     def server_app_pids(self) -> list[int]:
         """PIDs of the ServerApp processes the SuperLink started (to simulate a server crash)."""

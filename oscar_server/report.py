@@ -87,8 +87,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if acc["mean"] is not None:
         lines += [f"Mean accuracy **{acc['mean']:.4f}**, weighted by test images **{acc['weighted']:.4f}**.", ""]
     if report["rejected"]:
-        lines += ["## Rejected or missing clients", "", "| node | reason |", "|---|---|"]
-        lines += [f"| {r['node_id']} | {r['reason']} |" for r in report["rejected"]]
+        lines += ["## Rejected or missing clients", "", "| node | name | reason |", "|---|---|---|"]
+        lines += [f"| {r['node_id']} | {r.get('name') or '—'} | {_md(r['reason'])} |" for r in report["rejected"]]
         lines.append("")
     comm = report["communication"]
     lines += ["## Communication", "", "| direction | bytes |", "|---|---:|",

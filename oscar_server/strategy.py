@@ -32,6 +32,7 @@ from oscar_common.payload import (
     ClientPayload,
     Expectation,
     PayloadError,
+    claimed_name,
     model_record,
     parse_payload,
     wire_size,
@@ -86,6 +87,9 @@ class OscarStrategy(Strategy):
                                    feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id),
                                    max_bytes=cfg.max_payload_bytes)
         self._handled: set[str] = set()  # reply message ids already validated
+        # message id -> node it was sent to: an error reply made by the SuperLink for a dead node
+        # carries the SuperLink as sender, so the recipient of the original message is the truth.
+        self._recipients: dict[str, int] = {}
 
     # ------------------------------------------------------------------ Flower Strategy hooks
     def summary(self) -> None:
@@ -147,13 +151,12 @@ class OscarStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         for reply in replies:
-            node_id = reply.metadata.src_node_id
-            client = self.state.clients.get(node_id)
+            client = self.state.clients.get(self._sender(reply))
             if client is None:
                 continue
             if reply.has_error():
                 client.evaluation = {"error": reply.error.reason}
-                log.warning("node %s (%s) failed to evaluate: %s", node_id, client.payload.client_name,
+                log.warning("node %s (%s) failed to evaluate: %s", client.node_id, client.payload.client_name,
                             reply.error.reason)
                 continue
             metrics = reply.content.metric_records["metrics"]
@@ -163,7 +166,7 @@ class OscarStrategy(Strategy):
                 "per_class_accuracy": {self.cfg.class_names[int(c)]: round(float(a), 4) for c, a in
                                        zip(metrics["per-class-ids"], metrics["per-class-accuracy"])},
             }
-            log.info("node %s (%s): test accuracy %.4f on %d images", node_id, client.payload.client_name,
+            log.info("node %s (%s): test accuracy %.4f on %d images", client.node_id, client.payload.client_name,
                      client.evaluation["accuracy"], client.evaluation["num_test"])
         evaluated = [c.evaluation for c in self.state.clients.values() if c.evaluation and "accuracy" in c.evaluation]
         if not evaluated:
@@ -223,14 +226,14 @@ class OscarStrategy(Strategy):
         if reply.metadata.message_id in self._handled:
             return
         self._handled.add(reply.metadata.message_id)
-        node_id = reply.metadata.src_node_id
+        node_id = self._sender(reply)
         if reply.has_error():
             self._reject(node_id, f"client error: {reply.error.reason}")
             return
         try:
             payload = parse_payload(reply.content, self._expect)
         except PayloadError as exc:
-            self._reject(node_id, f"invalid payload: {exc}")
+            self._reject(node_id, f"invalid payload: {exc}", claimed_name(reply.content))
             return
         if any(c.payload.client_name == payload.client_name for c in self.state.clients.values()):
             payload.client_name = f"{payload.client_name}-{node_id}"  # names must be unique on disk
@@ -241,9 +244,12 @@ class OscarStrategy(Strategy):
                  payload.client_name, len(payload.class_ids), payload.feature_shape, record.upload_bytes, path.name)
 
     # ------------------------------------------------------------------ helpers
-    def _reject(self, node_id: int, reason: str) -> None:
-        log.warning("rejected node %s: %s", node_id, reason)
-        self.state.rejected.append({"node_id": node_id, "reason": reason})
+    def _sender(self, reply: Message) -> int:
+        return self._recipients.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _reject(self, node_id: int, reason: str, name: str | None = None) -> None:
+        log.warning("rejected node %s%s: %s", node_id, f" ({name})" if name else "", reason)
+        self.state.rejected.append({"node_id": node_id, "name": name, "reason": reason})
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.cfg.wait_for_clients_timeout
@@ -264,6 +270,7 @@ class OscarStrategy(Strategy):
         if not messages:
             return []
         pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        self._recipients.update(pending)
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:

@@ -46,14 +46,14 @@ def test_too_few_valid_uploads_fail_the_run_before_any_synthesis(strategy: Oscar
     payload = ClientPayload(class_ids=np.array([0]), counts=np.array([1]), means=np.ones((1, 512), np.float32),
                             scheme="pooled", encoder_id=strategy.cfg.text_encoder, client_name="only")
     strategy.state.clients[7] = ClientRecord(node_id=7, payload=payload, upload_bytes=2048)
-    strategy.state.rejected.append({"node_id": 8, "reason": "invalid payload: means contain NaN or Inf"})
+    strategy.state.rejected.append({"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN or Inf"})
     with pytest.raises(NotEnoughClientsError, match="1 valid uploads, min-clients is 3"):
         strategy.aggregate_train(1, [])
     assert strategy.state.synthesis is None
 
     report = build_report(strategy.cfg, strategy.state, "failed", "NotEnoughClientsError: ...")
     assert report["status"] == "failed" and report["error"].startswith("NotEnoughClientsError")
-    assert report["rejected"] == [{"node_id": 8, "reason": "invalid payload: means contain NaN or Inf"}]
+    assert report["rejected"] == [{"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN or Inf"}]
     assert report["clients"][0]["name"] == "only" and report["clients"][0]["test_accuracy"] is None
 
 

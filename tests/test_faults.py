@@ -1,0 +1,79 @@
+"""Faulty clients with real processes: a SuperNode killed (-9) mid-round and one killed after its upload.
+
+The run completes with the others within the configured timeouts, the report says who is missing and
+why, and the broadcast does not hang on the dead node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from oscar_demo.demo import demo_run_config
+from oscar_demo.federation import ClientSpec, LocalFederation, _descendants
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _client_app_running(federation: LocalFederation, node: str) -> bool:
+    """The SuperNode has started a ClientApp process: it received the train message."""
+    for pid in _descendants(federation.processes[f"supernode-{node}"].pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _kill_supernode(federation: LocalFederation, node: str) -> None:
+    proc = federation.processes[f"supernode-{node}"]
+    os.killpg(proc.pid, signal.SIGKILL)  # the SuperNode and the ClientApp it started
+    proc.wait(timeout=10)
+
+
+def test_killed_supernodes_do_not_stop_the_run(tmp_path: Path, tiny_hub: Path,
+                                               demo_clients: dict[str, Path]) -> None:
+    names = sorted(demo_clients)  # inverted-noisy, plain, textured
+    dies_mid_round, dies_after_upload, survivor = names
+    run_config = demo_run_config(tmp_path / "runs", "faults", **{
+        "images-per-class": 1, "num-inference-steps": 5, "inversion-steps": 20, "epochs": 1, "min-clients": 2,
+        "train-timeout": 120.0, "evaluate-timeout": 60.0})
+    payloads = tmp_path / "runs" / "faults" / "payloads"
+    env = {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    with LocalFederation(tmp_path, [ClientSpec(n, demo_clients[n]) for n in names], env=env,
+                         stream=False) as federation:
+        submission = federation.submit(run_config)
+        _wait_for(lambda: _client_app_running(federation, dies_mid_round), "the train message to arrive")
+        _kill_supernode(federation, dies_mid_round)
+        _wait_for(lambda: (payloads / f"{dies_after_upload}.safetensors").exists(), "the second upload")
+        _kill_supernode(federation, dies_after_upload)
+        federation.processes.pop(f"supernode-{dies_mid_round}")
+        federation.processes.pop(f"supernode-{dies_after_upload}")
+        report = json.loads(federation.wait(submission, timeout=600).read_text())
+        federation.cancel(submission)
+    elapsed = time.monotonic() - started
+
+    assert report["status"] == "completed", report["error"]
+    clients = {c["name"]: c for c in report["clients"]}
+    assert sorted(clients) == sorted([dies_after_upload, survivor])
+    assert clients[survivor]["test_accuracy"] is not None
+    assert clients[dies_after_upload]["test_accuracy"] is None
+    assert clients[dies_after_upload]["evaluation_error"]
+    assert len(report["rejected"]) == 1 and report["rejected"][0]["reason"]
+    # bounded by the configured timeouts (plus the work itself), not hanging on the dead nodes
+    assert elapsed < 120 + 60 + 240
