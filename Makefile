@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast clean-demo
+.PHONY: venv system-packages demo test test-fast clean-demo
 
 venv: $(STAMP)
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(PY) -m oscar_demo.demo --workdir demo
 
-test: venv
+# iproute2 (network namespaces) and docker-compose (compose file validation), installed when root.
+system-packages:
+	bash scripts/install-system-packages.sh
+
+test: venv system-packages
 	$(PY) -m pytest -q tests
 
 # Everything but the end-to-end runs with real Flower processes.

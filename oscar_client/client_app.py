@@ -19,7 +19,6 @@ from flwr.clientapp import ClientApp
 
 from oscar_client.encoder import encode_local_data
 from oscar_client.settings import NodeSettings
-from oscar_common.benchmarks import load_benchmark_partition
 from oscar_common.classifier import (
     classifier_from_bytes,
     eval_transform,
@@ -27,7 +26,7 @@ from oscar_common.classifier import (
 )
 from oscar_common.logs import setup_logging
 from oscar_common.config import resolve_device, resolve_dtype
-from oscar_common.data import ImageListDataset, load_client_split, load_rgb_images, scan_image_folder
+from oscar_common.data import ImageListDataset, load_rgb_images
 from oscar_common.files import atomic_write_bytes
 from oscar_common.payload import INSTRUCTION_KEY, ClientPayload, model_blob
 
@@ -44,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     class_names = list(instruction["class-names"])
     started = time.monotonic()
 
-    train_samples, _, unknown_classes = _split(node, class_names, instruction)
+    train_samples, _, unknown_classes = node.load_split(class_names, int(instruction["seed"]))
     images, kept, unreadable = load_rgb_images(train_samples)
     labels = np.array([class_names.index(train_samples[i].class_name) for i in kept], dtype=np.int64)
     log.info("client %s: %d training images in %d classes (%d unreadable skipped, unknown folders: %s)",
@@ -96,7 +95,7 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     weights_path = node.output_dir / "oscar_resnet18.safetensors"
     atomic_write_bytes(weights_path, blob)
 
-    _, test_samples, _ = _split(node, class_names, instruction)
+    _, test_samples, _ = node.load_split(class_names, int(instruction["seed"]))
     items = [(s.path, class_names.index(s.class_name)) for s in test_samples]
     dataset = ImageListDataset(items, eval_transform(int(instruction["classifier-image-size"])))
     result = evaluate_classifier(model, dataset, len(class_names), batch_size=64,
@@ -112,19 +111,6 @@ def evaluate_final(msg: Message, context: Context) -> Message:
     })
     info = ConfigRecord({"client-name": node.name, "weights-path": str(weights_path)})
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)
-
-
-def _split(node: NodeSettings, class_names: list[str], instruction: ConfigRecord):
-    """The same deterministic (train, test) split at upload and at evaluation time, and the local
-    classes that are not in the run."""
-    seed = int(instruction["seed"])
-    if node.benchmark is not None:
-        partition = load_benchmark_partition(node.benchmark, class_names, seed)
-        return partition.train, partition.test, partition.skipped_classes
-    unknown = scan_image_folder(node.data_dir, class_names).unknown_classes
-    train, test = load_client_split(node.data_dir, class_names, test_fraction=node.test_fraction, seed=seed,
-                                    train_list=node.train_list, test_list=node.test_list)
-    return train, test, unknown
 
 
 def _instruction(msg: Message) -> ConfigRecord:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from oscar_common.benchmarks import benchmark_client_name, benchmark_config
+from oscar_common.benchmarks import benchmark_client_name, benchmark_config, load_benchmark_partition
+from oscar_common.data import Sample, load_client_split, scan_image_folder
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,18 @@ class NodeSettings:
         output_dir = Path(str(node_config.get("output-dir") or root / ".oscar-output" / name)).expanduser()
         return cls(data_dir=root, name=name, output_dir=output_dir,
                    device=str(node_config.get("device", "auto")), benchmark=dict(benchmark))
+
+
+    def load_split(self, class_names: Sequence[str], seed: int) -> tuple[list[Sample], list[Sample], list[str]]:
+        """(train, test, local classes not in the run): the same for a seed wherever it is called, so
+        OSCAR, the baselines and the final evaluation all see the same images."""
+        if self.benchmark is not None:
+            partition = load_benchmark_partition(self.benchmark, class_names, seed)
+            return partition.train, partition.test, partition.skipped_classes
+        unknown = scan_image_folder(self.data_dir, class_names).unknown_classes
+        train, test = load_client_split(self.data_dir, class_names, test_fraction=self.test_fraction, seed=seed,
+                                        train_list=self.train_list, test_list=self.test_list)
+        return train, test, unknown
 
 
 def _optional_path(value: Any) -> Path | None:

@@ -31,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
     """Console scripts of the interpreter's own environment (the project's venv)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -81,7 +81,7 @@ class LocalFederation:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._write_connection()
         self._spawn("superlink", [
-            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+            venv_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
             # The project is installed already; per-run installs would need the internet.
             "--disable-runtime-dependency-installation",
             *(["--simulation"] if self.simulation_supernodes else []),
@@ -92,8 +92,8 @@ class LocalFederation:
             node_config = {"data-dir": str(client.data_dir), "name": client.name, "output-dir": str(out_dir),
                            **client.extra_node_config}
             self._spawn(f"supernode-{client.name}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
-                "--port", str(free_port()), "--node-config", _node_config_arg(node_config),
+                venv_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                "--port", str(free_port()), "--node-config", node_config_arg(node_config),
             ])
         log.info("federation up: superlink on 127.0.0.1:%d, %d supernodes%s (logs in %s)", self.superlink_port,
                  self.simulation_supernodes or len(self.clients),
@@ -103,11 +103,11 @@ class LocalFederation:
         """SIGTERM what we started (and what it started), then SIGKILL what is left."""
         # Flower detaches some children (superexec, app processes) into sessions of their own,
         # so a process-group signal misses them: collect the whole tree by parent PID first.
-        tree = {pid for proc in self.processes.values() for pid in _descendants(proc.pid)}
+        tree = {pid for proc in self.processes.values() for pid in descendants(proc.pid)}
         for proc in self.processes.values():
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
-        _signal_pids(tree, signal.SIGTERM)
+        signal_pids(tree, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.processes.values():
             try:
@@ -118,7 +118,7 @@ class LocalFederation:
         while tree and time.monotonic() < deadline:
             tree = {pid for pid in tree if Path(f"/proc/{pid}").exists()}
             time.sleep(0.2)
-        _signal_pids(tree, signal.SIGKILL)
+        signal_pids(tree, signal.SIGKILL)
         self.processes.clear()
 
     # ------------------------------------------------------------------ running the app
@@ -140,7 +140,7 @@ class LocalFederation:
         name = run_config["run-name"]
         overrides = self.workdir / f"{name}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
-        command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
+        command = [venv_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
         self._submissions += 1
         log_path = self.logs_dir / f"flwr-run-{name}-{self._submissions}.log"
         log.info("$ %s", " ".join(command))
@@ -186,9 +186,13 @@ class LocalFederation:
                                        f"see {log_path}")
                 time.sleep(0.2)
 
+    def process_tree(self) -> set[int]:
+        """Every PID this federation started, with everything those started in turn."""
+        return {pid for proc in self.processes.values() for pid in {proc.pid, *descendants(proc.pid)}}
+
     def server_app_pids(self) -> list[int]:
         """PIDs of the ServerApp processes the SuperLink started (to simulate a server crash)."""
-        return [pid for pid in _descendants(self.processes["superlink"].pid) if _is_server_app(pid)]
+        return [pid for pid in descendants(self.processes["superlink"].pid) if _is_server_app(pid)]
 
     def _pump(self, proc: subprocess.Popen, log_path: Path) -> None:
         assert proc.stdout is not None
@@ -240,6 +244,14 @@ class Submission:
     log_path: Path
 
 
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (Linux /proc)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
 def _is_server_app(pid: int) -> bool:
     try:
         return b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -256,12 +268,12 @@ def _finished(report: Path) -> bool:
         return False  # being replaced right now; look again at the next line
 
 
-def _node_config_arg(values: dict[str, Any]) -> str:
+def node_config_arg(values: dict[str, Any]) -> str:
     """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values."""
     return " ".join(f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items())
 
 
-def _descendants(root: int) -> set[int]:
+def descendants(root: int) -> set[int]:
     """PIDs of every live descendant of ``root`` (Linux /proc), whatever session they moved to."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -282,7 +294,7 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
-def _signal_pids(pids: set[int], sig: signal.Signals) -> None:
+def signal_pids(pids: set[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)

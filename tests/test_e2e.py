@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, _descendants
+from oscar_demo.federation import ClientSpec, LocalFederation, is_running
 
 pytestmark = pytest.mark.e2e
 FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2}
@@ -24,20 +24,13 @@ def _env(tiny_hub: Path) -> dict[str, str]:
     return {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _running(pid: int) -> bool:
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-    except OSError:
-        return False
-
-
 def _run(tmp_path: Path, tiny_hub: Path, clients: list[ClientSpec], **overrides) -> dict:
     run_config = demo_run_config(tmp_path / "runs", "e2e", **{**FAST, **overrides})
     with LocalFederation(tmp_path, clients, env=_env(tiny_hub), stream=False) as federation:
         report_path = federation.run(run_config, timeout=900)
-        started = {pid for proc in federation.processes.values() for pid in {proc.pid, *_descendants(proc.pid)}}
+        started = federation.process_tree()
         assert len(started) > len(clients) + 1  # superlink, supernodes and what Flower started under them
-    leftovers = {pid for pid in started if _running(pid)}
+    leftovers = {pid for pid in started if is_running(pid)}
     assert not leftovers, f"processes still running after the federation stopped: {leftovers}"
     report = json.loads(report_path.read_text())
     assert report["status"] == "completed", report["error"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, _descendants
+from oscar_demo.federation import ClientSpec, LocalFederation, descendants
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def _wait_for(condition, what: str, timeout: float = 300) -> None:
 
 def _client_app_running(federation: LocalFederation, node: str) -> bool:
     """The SuperNode has started a ClientApp process: it received the train message."""
-    for pid in _descendants(federation.processes[f"supernode-{node}"].pid):
+    for pid in descendants(federation.processes[f"supernode-{node}"].pid):
         try:
             if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return True

@@ -1,0 +1,196 @@
+"""The paper's baselines: FedAvg on a real federation, the centralized ceiling, and the comparison tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+
+from oscar_baselines.centralized import client_settings, run_centralized
+from oscar_baselines.compare import compare, fedcado_upload_bytes, main as compare_main
+from oscar_baselines.fedavg_config import FedAvgConfig
+from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
+from oscar_common.classifier import build_classifier, load_classifier
+from oscar_common.data import load_client_split
+from oscar_common.demo_data import DIGIT_NAMES, make_demo_data
+from oscar_demo.federation import ClientSpec, LocalFederation, is_running
+
+FEDAVG_APP = Path(__file__).resolve().parents[1] / "baselines" / "fedavg"
+
+
+def _state_dict_bytes(num_classes: int) -> int:
+    return sum(t.numel() * t.element_size() for t in build_classifier(num_classes).state_dict().values())
+
+
+# ------------------------------------------------------------------------------------------ FedAvg
+@pytest.mark.e2e
+def test_fedavg_federation(tmp_path: Path, demo_clients: dict[str, Path]) -> None:
+    """`flwr run baselines/fedavg` on a SuperLink and two SuperNodes: 2 rounds, measured, then stopped."""
+    rounds = 2
+    clients = [ClientSpec(name, path) for name, path in sorted(demo_clients.items())[:2]]
+    run_config = {"class-names": ",".join(DIGIT_NAMES), "num-rounds": rounds, "local-epochs": 1,
+                  "classifier-image-size": 32, "classifier-pretrained": False, "batch-size": 16,
+                  "min-clients": 2, "wait-for-clients-timeout": 120.0, "round-timeout": 300.0,
+                  "run-dir": str(tmp_path / "runs"), "run-name": "fedavg"}
+    # One thread per process: two clients (and the server) share 2 cores without OpenMP spin-waits.
+    with LocalFederation(tmp_path, clients, env={"OMP_NUM_THREADS": "1"}, stream=False) as fed:
+        report_path = fed.run(run_config, timeout=600, app_dir=FEDAVG_APP)
+        started = fed.process_tree()
+        assert len(started) > len(clients) + 1  # superlink, supernodes and what Flower started under them
+    leftovers = {pid for pid in started if is_running(pid)}
+    assert not leftovers, f"processes still running after the federation stopped: {leftovers}"
+
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "completed", report["error"]
+    assert report["method"] == "fedavg" and report["config"]["num-rounds"] == rounds
+    model_bytes = _state_dict_bytes(len(DIGIT_NAMES))
+    assert report["model"]["state_dict_bytes"] == model_bytes
+    by_name = {c["name"]: c for c in report["clients"]}
+    assert sorted(by_name) == [c.name for c in clients]
+    for spec in clients:
+        client = by_name[spec.name]
+        train, test = load_client_split(spec.data_dir, DIGIT_NAMES, seed=0)  # OSCAR's split for seed 0
+        assert client["num_train"] == len(train) and client["num_test"] == len(test)
+        assert client["rounds_trained"] == rounds
+        assert 0.0 <= client["test_accuracy"] <= 1.0
+        # each round uploads the trained state dict, plus small metric records and framing
+        assert rounds * model_bytes <= client["upload_bytes"] <= 1.01 * rounds * model_bytes + 65536
+        # each round downloads the global model twice: to train and to evaluate
+        assert 2 * rounds * model_bytes <= client["download_bytes"] <= 1.01 * 2 * rounds * model_bytes + 65536
+    assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+    for entry in report["rounds"]:
+        assert sorted(entry["train"]) == sorted(entry["evaluate"]) == sorted(by_name)
+        assert not entry["errors"]
+        assert "train-loss" in entry["aggregated_train"] and "accuracy" in entry["aggregated_evaluate"]
+    last = report["rounds"][-1]["evaluate"]
+    assert all(by_name[name]["test_accuracy"] == last[name]["accuracy"] for name in by_name)
+    assert report["communication"]["upload_bytes_total"] == sum(c["upload_bytes"] for c in report["clients"])
+    load_classifier(tmp_path / "runs" / "fedavg" / "model.safetensors", len(DIGIT_NAMES), DIGIT_NAMES)
+
+
+class _OneNodeGrid:
+    """A Grid stand-in with one connected node; it fails instead of letting a caller poll it forever."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        if self.calls > 10:
+            raise RuntimeError("polled 10 times: FedAvg's sample_nodes would wait forever")
+        return [7]
+
+
+def test_fedavg_does_not_wait_forever_for_clients(tmp_path: Path) -> None:
+    cfg = FedAvgConfig(class_names=("a", "b"), min_clients=2, wait_for_clients_timeout=0.5)
+    strategy = MeasuredFedAvg(cfg, tmp_path / "report.json")
+    with pytest.raises(NotEnoughClientsError, match="only 1 of min-clients=2"):
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _OneNodeGrid())
+
+
+def test_fedavg_config() -> None:
+    cfg = FedAvgConfig.from_run_config({"class-names": "a, b,c", "num-rounds": 3, "lr": 1, "scheme": "pooled"})
+    assert cfg.class_names == ("a", "b", "c") and cfg.num_rounds == 3 and cfg.lr == 1.0
+    assert cfg.client_config()["class-names"] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="class-names"):
+        FedAvgConfig.from_run_config({})
+    with pytest.raises(ValueError, match="num-rounds"):
+        FedAvgConfig.from_run_config({"class-names": "a", "num-rounds": 0})
+    with pytest.raises(ValueError, match="classifier-pretrained"):
+        FedAvgConfig.from_run_config({"class-names": "a", "classifier-pretrained": "maybe"})
+
+
+# ------------------------------------------------------------------------------------- Centralized
+def test_centralized_on_demo_clients(tmp_path: Path, demo_clients: dict[str, Path]) -> None:
+    """Trains on the union of the clients' training splits and scores each client's own test split."""
+    names = sorted(demo_clients)
+    clients = client_settings([demo_clients[names[0]]],
+                              [f"data-dir='{demo_clients[names[1]]}' name='second' test-fraction=0.5"])
+    report = run_centralized(clients, DIGIT_NAMES, epochs=1, batch_size=16, image_size=32, pretrained=False,
+                             device="cpu", out_dir=tmp_path)
+    splits = [load_client_split(demo_clients[names[0]], DIGIT_NAMES, seed=0),
+              load_client_split(demo_clients[names[1]], DIGIT_NAMES, test_fraction=0.5, seed=0)]
+    assert [c["name"] for c in report["clients"]] == [names[0], "second"]
+    assert report["training"]["images"] == sum(len(train) for train, _ in splits)
+    for client, (train, test) in zip(report["clients"], splits):
+        assert client["num_train"] == len(train) and client["num_test"] == len(test)
+        assert 0.0 <= client["test_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    load_classifier(tmp_path / "model.safetensors", len(DIGIT_NAMES), DIGIT_NAMES)
+
+
+def test_centralized_learns_separable_digits(tmp_path: Path) -> None:
+    """Two digits, two domains: the ceiling must be far above chance (0.5)."""
+    clients = make_demo_data(tmp_path / "data", per_class=20, seed=1)
+    settings = client_settings([clients["plain"], clients["inverted-noisy"]], [])
+    # 10 epochs: StepLR(7) lowers the rate for the last ones, after which the BatchNorm statistics settle
+    report = run_centralized(settings, ["zero", "one"], epochs=10, batch_size=16, lr=0.01, image_size=32,
+                             pretrained=False, device="cpu")
+    assert report["accuracy"]["weighted"] >= 0.8, report["clients"]
+
+
+# ----------------------------------------------------------------------------------------- Compare
+def _report(method: str, accuracies: dict[str, float], upload: dict[str, int] | None = None, **config) -> dict:
+    return {
+        "method": method, "status": "completed", "config": {"class-names": ["a", "b", "c"], **config},
+        "clients": [{"name": name, "test_accuracy": acc, "num_test": 10,
+                     **({"upload_bytes": upload[name]} if upload else {})} for name, acc in accuracies.items()],
+    }
+
+
+def test_compare_tables(tmp_path: Path) -> None:
+    oscar = _report("oscar", {"clipart": 0.5, "sketch": 0.7}, {"clipart": 6_000, "sketch": 4_000})
+    fedavg = _report("fedavg", {"clipart": 0.2, "sketch": 0.4}, {"clipart": 900_000_000, "sketch": 800_000_000},
+                     **{"num-rounds": 10})
+    centralized = _report("centralized", {"clipart": 0.9})  # a client missing: its average is partial
+    paths = {}
+    for name, report in (("oscar", oscar), ("fedavg", fedavg), ("centralized", centralized)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(report))
+    out = tmp_path / "out"
+    compare_main(["--oscar", str(paths["oscar"]), "--fedavg", str(paths["fedavg"]),
+                  "--centralized", str(paths["centralized"]), "--out", str(out)])
+    result = json.loads((out / "compare.json").read_text())
+
+    assert result["clients"] == ["clipart", "sketch"]
+    rows = {r["method"]: r for r in result["accuracy"]}
+    assert [r["method"] for r in result["accuracy"]] == ["FedAvg", "OSCAR", "Centralized"]
+    assert rows["OSCAR"]["clients"] == {"clipart": 0.5, "sketch": 0.7}
+    assert rows["OSCAR"]["average"] == pytest.approx(0.6) and rows["OSCAR"]["complete"]
+    assert rows["FedAvg"]["average"] == pytest.approx(0.3)
+    assert rows["Centralized"]["clients"]["sketch"] is None
+    assert rows["Centralized"]["average"] == pytest.approx(0.9) and not rows["Centralized"]["complete"]
+
+    upload = {r["method"]: r for r in result["upload_bytes"]}
+    assert upload["OSCAR"]["clients"] == {"clipart": 6_000, "sketch": 4_000} and upload["OSCAR"]["mean"] == 5_000
+    assert upload["FedAvg"]["mean"] == 850_000_000 and upload["FedAvg"]["times_oscar"] == pytest.approx(170_000)
+    assert "10 rounds" in upload["FedAvg"]["source"]
+    params = sum(p.numel() for p in build_classifier(3).parameters())
+    assert params == 11_176_512 + 513 * 3  # ResNet-18 without its 1000-way head, plus a 3-way one
+    assert upload["FedCADO"]["clients"] == {"clipart": 4 * params, "sketch": 4 * params}
+    assert "computed" in upload["FedCADO"]["source"]
+
+    markdown = (out / "compare.md").read_text()
+    assert "| OSCAR | 50.00 | 70.00 | 60.00 |" in markdown
+    assert "| Centralized | 90.00 | — | 90.00* |" in markdown
+    assert "| OSCAR | 6.00 KB | 4.00 KB | 5.00 KB | 1 |" in markdown
+
+
+def test_fedcado_size_matches_resnet18() -> None:
+    for num_classes in (2, 10, 345):  # 345: DomainNet
+        model = build_classifier(num_classes)
+        assert fedcado_upload_bytes(num_classes) == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_compare_refuses_mismatched_runs(tmp_path: Path) -> None:
+    oscar = _report("oscar", {"a": 0.5}, {"a": 1})
+    other = {**_report("fedavg", {"a": 0.5}, {"a": 1}, **{"num-rounds": 1}),
+             "config": {"class-names": ["x"], "num-rounds": 1}}
+    with pytest.raises(ValueError, match="different class lists"):
+        compare(oscar=oscar, fedavg=other)
+    failed = tmp_path / "failed.json"
+    failed.write_text(json.dumps({**oscar, "status": "failed", "error": "boom"}))
+    with pytest.raises(ValueError, match="not completed"):
+        compare_main(["--oscar", str(failed), "--out", str(tmp_path / "out")])

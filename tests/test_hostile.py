@@ -1,0 +1,77 @@
+"""Hostile or broken payloads through the real message path: SuperNodes whose ClientApp sends a broken
+upload to the real OSCAR ServerApp over the SuperLink. Each is rejected with its reason, in the log
+and the report, and the honest clients' run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from oscar_demo.demo import demo_run_config
+from oscar_demo.federation import PROJECT_DIR, ClientSpec, LocalFederation
+
+pytestmark = pytest.mark.e2e
+
+EXPECTED_REASONS = {
+    "missing-means": "missing ['means']",
+    "extra-array": "unexpected ['raw_images']",
+    "float64": "means must be float32",
+    "wrong-rank": "must have rank 2",
+    "wrong-dim": "means have dimension 768",
+    "nan": "NaN or Inf",
+    "inf": "NaN or Inf",
+    "zero-vector": "all-zero mean vector",
+    "duplicate-ids": "duplicate class ids",
+    "out-of-range": "class ids must be in [0, 10)",
+    "zero-count": "counts must be >= 1",
+    "count-mismatch": "must have the same length",
+    "oversized": "over the limit of 100000",
+    "unknown-scheme": "scheme 'pixels'",
+    "future-version": "format-version 99",
+    "missing-meta": "missing ConfigRecord 'oscar.meta'",
+}
+
+
+def hostile_app(tmp_path: Path) -> Path:
+    """The OSCAR app with its ClientApp swapped for tests/hostile_client.py (same run config)."""
+    app_dir = tmp_path / "hostile-app"
+    app_dir.mkdir()
+    shutil.copy(Path(__file__).with_name("hostile_client.py"), app_dir / "hostile_client.py")
+    pyproject = (PROJECT_DIR / "pyproject.toml").read_text()
+    pyproject, swapped = re.subn(r'clientapp = "[^"]+"', 'clientapp = "hostile_client:app"', pyproject)
+    assert swapped == 1
+    (app_dir / "pyproject.toml").write_text(pyproject)
+    return app_dir
+
+
+def test_every_broken_payload_is_rejected_and_the_others_proceed(tmp_path: Path, tiny_hub: Path,
+                                                                 demo_clients: dict[str, Path]) -> None:
+    honest = sorted(demo_clients)[:2]
+    clients = [ClientSpec(n, demo_clients[n], {"corruption": "none"}) for n in honest]
+    # A hostile node needs no data: its payload is made up. The data dir is only its name's source.
+    clients += [ClientSpec(kind, tmp_path / kind, {"corruption": kind}) for kind in EXPECTED_REASONS]
+    run_config = demo_run_config(tmp_path / "runs", "hostile", **{
+        "images-per-class": 1, "num-inference-steps": 4, "inversion-steps": 10, "epochs": 1,
+        "min-clients": 2, "max-payload-bytes": 100_000})
+    env = {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1"}
+    with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
+        federation.wait_for_supernodes()  # min-clients is 2: every node must be there when the round starts
+        report = json.loads(federation.run(run_config, timeout=900, app_dir=hostile_app(tmp_path)).read_text())
+
+    assert report["status"] == "completed", report["error"]
+    assert sorted(c["name"] for c in report["clients"]) == honest
+    assert all(c["test_accuracy"] is not None for c in report["clients"])
+    reasons = [r["reason"] for r in report["rejected"]]
+    assert len(reasons) == len(EXPECTED_REASONS), reasons
+    for kind, expected in EXPECTED_REASONS.items():
+        matching = [r for r in reasons if expected in r]
+        assert matching, f"{kind}: no rejection mentions {expected!r}; got {reasons}"
+    named = {r["name"]: r["reason"] for r in report["rejected"] if r["name"]}
+    assert EXPECTED_REASONS["zero-count"] in named["zero-count"]  # the report names who sent what
+    server_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("flwr-run-*.log"))
+    assert server_log.count("rejected node") >= len(EXPECTED_REASONS)

@@ -1,0 +1,132 @@
+"""Deployment on separate hosts: certificates, launcher checks, and a TLS + authenticated federation
+whose SuperLink and SuperNodes live in network namespaces of their own (real links, real addresses).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+from oscar_demo.demo import demo_run_config
+from oscar_demo.federation import ClientSpec, is_running
+from oscar_deploy import certs, launch
+from oscar_deploy.netns import Hosts, NetnsFederation, namespaces_available
+from test_e2e import FAST
+
+
+# ---------------------------------------------------------------------------------------------- certificates
+def test_certificates_and_supernode_keys(tmp_path: Path) -> None:
+    assert certs.main(["--out", str(tmp_path), "--server-name", "link.example", "--ip", "10.213.77.1",
+                       "--supernode", "a"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / certs.CA_CERT).read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / certs.SERVER_CERT).read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.213.77.1", "127.0.0.1", "::1"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"link.example", "localhost"}
+    # Flower's own loaders and its curve check accept the SuperNode key pair.
+    private = load_ssh_private_key((tmp_path / "supernodes" / "a.key").read_bytes(), password=None)
+    public = load_ssh_public_key((tmp_path / "supernodes" / "a.pub").read_bytes())
+    assert private.curve.name == "secp384r1" and uses_nist_ec_curve(public)
+    assert private.public_key().public_numbers() == public.public_numbers()
+    # never overwrite an existing server certificate
+    assert certs.main(["--out", str(tmp_path), "--ip", "10.213.77.2"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- launcher checks
+def _supernode_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oscar_deploy.launch", "supernode", *args],
+                          capture_output=True, text=True, timeout=60, cwd=Path(launch.__file__).parents[1])
+
+
+def test_supernode_refuses_a_wrong_address_or_missing_certificate(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    bad_address = _supernode_cli("--superlink", "10.213.77.1", "--insecure", "--data-dir", str(data))
+    assert bad_address.returncode == 2 and "is not HOST:PORT" in bad_address.stderr
+    missing = _supernode_cli("--superlink", "10.213.77.1:8000", "--root-certificates", str(tmp_path / "ca.crt"),
+                             "--data-dir", str(data))
+    assert missing.returncode == 2 and "ca.crt' does not exist" in missing.stderr
+    neither = _supernode_cli("--superlink", "10.213.77.1:8000", "--data-dir", str(data))
+    assert neither.returncode == 2 and "--root-certificates" in neither.stderr
+
+
+def test_supernode_detects_a_certificate_for_another_address(tmp_path: Path) -> None:
+    """A TLS server on 127.0.0.2 (loopback) whose certificate lists link.example and 127.0.0.1 only."""
+    certs.make_all(tmp_path, ["link.example"], [], [])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / certs.SERVER_CERT, tmp_path / certs.SERVER_KEY)
+    with socket.create_server(("127.0.0.2", 0)) as server:
+        def serve() -> None:
+            conn, _ = server.accept()
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()  # the client rejected our certificate
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with pytest.raises(launch.LaunchError, match="does not accept for '127.0.0.2'"):
+            launch.wait_for_superlink("127.0.0.2", server.getsockname()[1], tmp_path / certs.CA_CERT, timeout=5)
+        thread.join(timeout=5)
+
+
+def test_superlink_without_tls_material_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(launch.LaunchError, match="server certificate '.*server.crt' does not exist"):
+        certs.make_ca(tmp_path)
+        launch.superlink_command(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- separate hosts
+@pytest.mark.e2e
+@pytest.mark.skipif(bool(namespaces_available()), reason=f"no test hosts: {namespaces_available()}")
+def test_tls_authenticated_federation_on_separate_hosts(tmp_path: Path, tiny_hub: Path,
+                                                        demo_clients: dict[str, Path]) -> None:
+    """SuperLink on one host, each SuperNode on its own; an insecure and an unregistered node are refused."""
+    names = sorted(demo_clients)
+    members = [ClientSpec(name, demo_clients[name]) for name in names[:2]]
+    intruder = ClientSpec(names[2], demo_clients[names[2]])
+    run_config = demo_run_config(tmp_path / "runs", "netns", **FAST)
+    with Hosts(names) as hosts:
+        prefix = hosts.prefix
+        with NetnsFederation(tmp_path, hosts, members, tiny_hub, guests=[intruder]) as federation:
+            superlink_log = federation.logs_dir / "superlink.log"
+            # Plain HTTP against the TLS SuperLink: every attempt fails for as long as it tries.
+            code, output = federation.attempt(intruder.name, launch.supernode_command(
+                federation.superlink, None, None, {"data-dir": str(intruder.data_dir)}, port=9095), seconds=15)
+            assert code is None or code != 0
+            assert "Connection attempt failed" in output
+            assert f"{hosts.ip[intruder.name]}:" not in superlink_log.read_text()  # not one request got through
+            # TLS and a valid key, but the key was never registered: the SuperLink refuses the node.
+            code, output = federation.attempt(intruder.name, federation.supernode_command(intruder), seconds=120)
+            assert code is not None and code != 0 and "Failed to activate SuperNode" in output, output
+            log = superlink_log.read_text()
+            assert "No SuperNode found with the given public key" in log
+            assert f'{hosts.ip[intruder.name]}:' in log  # the refusal came over the intruder's own link
+
+            report_path = federation.run(run_config, timeout=600)
+            started = federation.process_tree()
+        leftovers = {pid for pid in started if is_running(pid)}
+        assert not leftovers, f"processes still running after the federation stopped: {leftovers}"
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "completed", report["error"]
+    assert sorted(c["name"] for c in report["clients"]) == [c.name for c in members]
+    assert report["rejected"] == []
+    assert all(c["test_accuracy"] is not None for c in report["clients"])
+    log = superlink_log.read_text()
+    for client in members:  # each registered node was activated over its own host's link
+        assert re.search(rf'{re.escape(hosts.ip[client.name])}:\d+ - "POST /v1/fleet/activate-node \S+ 200', log)
+        assert (tmp_path / "client-output" / client.name / "oscar_resnet18.safetensors").exists()
