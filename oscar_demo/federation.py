@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomli_w
 
@@ -63,6 +63,8 @@ class LocalFederation:
                     **(env or {})}
         self.superlink_port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.stopped: set[int] = set()  # after stop(): every PID it found, and those that survived it
+        self.leftovers: set[int] = set()
         self._submissions = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -103,7 +105,8 @@ class LocalFederation:
         """SIGTERM what we started (and what it started), then SIGKILL what is left."""
         # Flower detaches some children (superexec, app processes) into sessions of their own,
         # so a process-group signal misses them: collect the whole tree by parent PID first.
-        tree = {pid for proc in self.processes.values() for pid in descendants(proc.pid)}
+        started = self.process_tree()
+        tree = started - {proc.pid for proc in self.processes.values()}
         for proc in self.processes.values():
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -120,6 +123,10 @@ class LocalFederation:
             time.sleep(0.2)
         signal_pids(tree, signal.SIGKILL)
         self.processes.clear()
+        self.stopped = started
+        self.leftovers = {pid for pid in started if is_running(pid)}
+        if self.leftovers:
+            log.warning("processes still running after the federation stopped: %s", sorted(self.leftovers))
 
     # ------------------------------------------------------------------ running the app
     def run(self, run_config: dict[str, Any], timeout: float = 1800, app_dir: Path = PROJECT_DIR) -> Path:
@@ -141,6 +148,8 @@ class LocalFederation:
         overrides = self.workdir / f"{name}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
         command = [venv_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
+        if self.simulation_supernodes:
+            command += ["--federation-config", f"num-supernodes={self.simulation_supernodes}"]
         self._submissions += 1
         log_path = self.logs_dir / f"flwr-run-{name}-{self._submissions}.log"
         log.info("$ %s", " ".join(command))
@@ -207,9 +216,7 @@ class LocalFederation:
     # ------------------------------------------------------------------ internals
     def _write_connection(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        connection: dict[str, Any] = {"address": f"127.0.0.1:{self.superlink_port}", "insecure": True}
-        if self.simulation_supernodes:
-            connection["options"] = {"num-supernodes": self.simulation_supernodes}
+        connection = {"address": f"127.0.0.1:{self.superlink_port}", "insecure": True}
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
@@ -242,6 +249,15 @@ class Submission:
     pump: threading.Thread
     report: Path
     log_path: Path
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float, poll: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; ``TimeoutError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
 
 
 def is_running(pid: int) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, is_running
+from oscar_demo.federation import ClientSpec, LocalFederation
 
 pytestmark = pytest.mark.e2e
 FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2}
@@ -28,10 +28,8 @@ def _run(tmp_path: Path, tiny_hub: Path, clients: list[ClientSpec], **overrides)
     run_config = demo_run_config(tmp_path / "runs", "e2e", **{**FAST, **overrides})
     with LocalFederation(tmp_path, clients, env=_env(tiny_hub), stream=False) as federation:
         report_path = federation.run(run_config, timeout=900)
-        started = federation.process_tree()
-        assert len(started) > len(clients) + 1  # superlink, supernodes and what Flower started under them
-    leftovers = {pid for pid in started if is_running(pid)}
-    assert not leftovers, f"processes still running after the federation stopped: {leftovers}"
+    # superlink, supernodes and what Flower started under them, all gone
+    assert len(federation.stopped) > len(clients) + 1 and not federation.leftovers
     report = json.loads(report_path.read_text())
     assert report["status"] == "completed", report["error"]
     return report

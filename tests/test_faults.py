@@ -15,17 +15,9 @@ from pathlib import Path
 import pytest
 
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, descendants
+from oscar_demo.federation import ClientSpec, LocalFederation, descendants, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _client_app_running(federation: LocalFederation, node: str) -> bool:
@@ -58,9 +50,9 @@ def test_killed_supernodes_do_not_stop_the_run(tmp_path: Path, tiny_hub: Path,
     with LocalFederation(tmp_path, [ClientSpec(n, demo_clients[n]) for n in names], env=env,
                          stream=False) as federation:
         submission = federation.submit(run_config)
-        _wait_for(lambda: _client_app_running(federation, dies_mid_round), "the train message to arrive")
+        wait_until(lambda: _client_app_running(federation, dies_mid_round), "the train message to arrive", 300)
         _kill_supernode(federation, dies_mid_round)
-        _wait_for(lambda: (payloads / f"{dies_after_upload}.safetensors").exists(), "the second upload")
+        wait_until(lambda: (payloads / f"{dies_after_upload}.safetensors").exists(), "the second upload", 300)
         _kill_supernode(federation, dies_after_upload)
         federation.processes.pop(f"supernode-{dies_mid_round}")
         federation.processes.pop(f"supernode-{dies_after_upload}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image
 
 from oscar_common.config import OscarConfig
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation
+from oscar_demo.federation import ClientSpec, LocalFederation, wait_until
 from oscar_server.pipeline import synthesize
 from oscar_server.run_dir import RunDirectory
 
@@ -28,19 +27,11 @@ pytestmark = pytest.mark.e2e
 IMAGES_PER_CLASS = 3
 
 
-def _wait_for(condition, what: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _kill_server_app(federation: LocalFederation) -> None:
     pids = federation.server_app_pids()
     assert len(pids) == 1, f"expected one ServerApp process, found {pids}"
     os.kill(pids[0], signal.SIGKILL)
-    _wait_for(lambda: not federation.server_app_pids(), "the ServerApp to die", 30)
+    wait_until(lambda: not federation.server_app_pids(), "the ServerApp to die", 30)
 
 
 def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub: Path,
@@ -58,7 +49,7 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
     with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
         # 1. killed in the middle of synthesis
         first = federation.submit(run_config)
-        _wait_for(lambda: 4 <= len(list(synthetic.rglob("*.png"))) < expected, "synthesis to be under way")
+        wait_until(lambda: 4 <= len(list(synthetic.rglob("*.png"))) < expected, "synthesis to be under way", 600)
         _kill_server_app(federation)
         federation.cancel(first)
         before = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.png")}
@@ -67,7 +58,7 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
 
         # 2. resumed, then killed in the middle of training (after at least one checkpointed epoch)
         second = federation.submit(run_config)
-        _wait_for(lambda: run_dir.checkpoint_path.exists(), "a training checkpoint")
+        wait_until(lambda: run_dir.checkpoint_path.exists(), "a training checkpoint", 600)
         assert not run_dir.model_path.exists(), "training finished before it could be interrupted"
         _kill_server_app(federation)
         federation.cancel(second)
