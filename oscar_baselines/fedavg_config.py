@@ -11,8 +11,10 @@ server sends what they need with every train/evaluate message (:meth:`FedAvgConf
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
+
+from oscar_common.config import parse_run_config, run_config_dict
 
 log = logging.getLogger("oscar.fedavg")
 
@@ -47,35 +49,17 @@ class FedAvgConfig:
             raise ValueError(f"class-names has duplicates: {list(self.class_names)}")
         for name in ("num_rounds", "local_epochs", "batch_size", "classifier_image_size", "min_clients"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedAvgConfig":
-        """Flower's run config values are already typed (TOML); only ``class-names`` needs parsing."""
-        known = {_kebab(f.name): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        kwargs, unknown = parse_run_config(cls, run_config)
         if unknown:
-            log.info("run config keys not used by FedAvg: %s", ", ".join(unknown))
-        kwargs: dict[str, Any] = {}
-        for key, f in known.items():
-            if key not in run_config:
-                continue
-            value = run_config[key]
-            if isinstance(f.default, tuple):
-                value = tuple(part.strip() for part in str(value).split(",") if part.strip())
-            elif isinstance(f.default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{key} must be true or false, got {value!r}")
-            else:
-                try:
-                    value = type(f.default)(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{key} must be a {type(f.default).__name__}, got {value!r}") from None
-            kwargs[f.name] = value
+            log.info("run config keys not used by FedAvg: %s", ", ".join(sorted(unknown)))
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {_kebab(k): list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return run_config_dict(self)
 
     def client_config(self) -> dict[str, Any]:
         """What a client needs for local training and evaluation (sent in every message)."""
@@ -88,6 +72,3 @@ class FedAvgConfig:
             "classifier-image-size": self.classifier_image_size,
         }
 
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")

@@ -90,25 +90,11 @@ class OscarConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "OscarConfig":
         """Build from Flower's run config (kebab-case keys). Unknown keys are kept in ``extra``."""
-        known = {f.name: f for f in fields(cls) if f.name != "extra"}
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                extra[key] = value
-                continue
-            kwargs[name] = _coerce(name, known[name].type, value)
+        kwargs, extra = parse_run_config(cls, run_config)
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            out[_kebab(f.name)] = list(value) if isinstance(value, tuple) else value
-        return out
+        return run_config_dict(self)
 
     def replace(self, **changes: Any) -> "OscarConfig":
         return dataclasses.replace(self, **changes)
@@ -131,6 +117,32 @@ class OscarConfig:
             "caption-max-tokens": self.caption_max_tokens,
             "seed": self.seed,
         }
+
+
+def parse_run_config(cls: type, run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a Flower run config into a config dataclass's keyword arguments (values coerced to the
+    fields' types) and the keys it does not know. Shared by every app of the project."""
+    known = {f.name: f for f in fields(cls) if f.name != "extra"}
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name in known:
+            kwargs[name] = _coerce(name, known[name].type, value)
+        else:
+            extra[key] = value
+    return kwargs, extra
+
+
+def run_config_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass back in run-config form (kebab-case keys, lists for tuples), e.g. for reports."""
+    out = {}
+    for f in fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        out[_kebab(f.name)] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def _kebab(name: str) -> str:
