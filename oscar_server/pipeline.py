@@ -50,9 +50,6 @@ def synthesize(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDire
     prompts: list[dict[str, Any]] = []
     if cfg.scheme == "pooled":
         jobs, prompts = _prompt_jobs(cfg, payloads, run_dir, device)
-        atomic_write_json(run_dir.prompts_path, prompts)
-        log.info("decoded %d prompts (mean cosine %.3f); saved to %s", len(prompts),
-                 sum(p["cosine"] for p in prompts) / max(1, len(prompts)), run_dir.prompts_path)
     else:
         jobs = _embedding_jobs(cfg, payloads)
 
@@ -70,7 +67,8 @@ def _prompt_jobs(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDi
                  device: torch.device) -> tuple[list[SynthesisJob], list[dict[str, Any]]]:
     """pooled: invert all means in one batch into hard prompts, then prefix the class name."""
     inverted = _saved_prompts(run_dir, payloads)
-    if inverted is None:
+    fresh = inverted is None
+    if fresh:
         # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
         tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
         targets = torch.cat([torch.from_numpy(p.means) for p in payloads]).to(device)
@@ -94,6 +92,10 @@ def _prompt_jobs(cfg: OscarConfig, payloads: list[ClientPayload], run_dir: RunDi
         records += [{"client": payload.client_name, "class_id": c, "class_name": name,
                      "decoded": d.text, "cosine": round(float(d.cosine), 4), "prompt": text}
                     for c, name, d, text in zip(class_ids, class_names, decoded, texts)]
+    if fresh:
+        atomic_write_json(run_dir.prompts_path, records)
+        log.info("decoded %d prompts (mean cosine %.3f); saved to %s", len(records),
+                 sum(r["cosine"] for r in records) / max(1, len(records)), run_dir.prompts_path)
     return jobs, records
 
 
