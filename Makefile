@@ -32,7 +32,7 @@ test: venv system-packages
 
 # Everything but the end-to-end runs with real Flower processes.
 test-fast: venv
-	$(PY) -m pytest -q -m "not e2e" tests
+	$(PY) -m pytest -q tests/unit
 
 clean-demo:
 	rm -rf demo

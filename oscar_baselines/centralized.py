@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from flwr.common.config import parse_config_args
 from torch.utils.data import ConcatDataset
 
-from oscar_client.settings import NodeSettings
+from oscar_common.node_settings import NodeSettings
 from oscar_common.classifier import (
     ARCHITECTURE,
     build_classifier,
@@ -34,7 +34,7 @@ from oscar_common.classifier import (
     train_classifier,
     train_transform,
 )
-from oscar_common.config import resolve_device
+from oscar_common.devices import resolve_device
 from oscar_common.data import ImageListDataset
 from oscar_common.files import atomic_write_json
 from oscar_common.logs import setup_logging

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METRICS_KEY
-from oscar_client.settings import NodeSettings
+from oscar_common.node_settings import NodeSettings
 from oscar_common.classifier import (
     build_classifier,
     eval_transform,
@@ -26,7 +26,7 @@ from oscar_common.classifier import (
     train_classifier,
     train_transform,
 )
-from oscar_common.config import resolve_device
+from oscar_common.devices import resolve_device
 from oscar_common.data import ImageListDataset
 from oscar_common.logs import setup_logging
 

@@ -6,7 +6,7 @@
 * before each phase it waits for ``min-clients`` nodes with a timeout, so FedAvg's ``sample_nodes``
   (which waits forever for ``min_available_nodes``) is only called when it returns at once; the
   strategy's ``timeout`` (``round-timeout``) bounds every wait for replies;
-* it measures every message as serialised on the wire (``oscar_common.payload.wire_size``): bytes
+* it measures every message as serialised on the wire (``oscar_common.wire.wire_size``): bytes
   downloaded (server -> client) and uploaded (client -> server), per client, over all rounds;
 * it keeps every client's metrics of every round.
 
@@ -33,7 +33,7 @@ from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METR
 from oscar_common.classifier import ARCHITECTURE, build_classifier, save_classifier
 from oscar_common.files import atomic_write_json
 from oscar_common.logs import setup_logging
-from oscar_common.payload import wire_size
+from oscar_common.wire import wire_size
 
 log = logging.getLogger("oscar.fedavg")
 app = ServerApp()

@@ -2,7 +2,7 @@
 
 ``train``: caption the local training images with the frozen captioner, encode the captions with the
 text encoder the server names, average per class and reply with the means (see
-``oscar_common.payload`` for the wire format). Nothing is trained here.
+``oscar_common.wire`` for the wire format). Nothing is trained here.
 
 ``evaluate.final``: load the ResNet-18 the server trained on synthetic images (validated before it is
 used), evaluate it on this client's test split, keep the weights, reply with the metrics.
@@ -18,17 +18,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from oscar_client.encoder import encode_local_data
-from oscar_client.settings import NodeSettings
+from oscar_common.node_settings import NodeSettings
 from oscar_common.classifier import (
     classifier_from_bytes,
     eval_transform,
     evaluate_classifier,
 )
 from oscar_common.logs import setup_logging
-from oscar_common.config import resolve_device, resolve_dtype
+from oscar_common.devices import resolve_device, resolve_dtype
 from oscar_common.data import ImageListDataset, load_rgb_images
 from oscar_common.files import atomic_write_bytes
-from oscar_common.payload import INSTRUCTION_KEY, ClientPayload, model_blob
+from oscar_common.wire import INSTRUCTION_KEY, ClientPayload, model_blob
 
 log = logging.getLogger("oscar.client")
 app = ClientApp()

@@ -1,7 +1,7 @@
 """Client-side OSCAR encoding: images -> BLIP captions -> CLIP text embeddings -> per-class means.
 
 This is all a client computes (nothing is trained): the per-class means are the whole upload. The
-conditioning scheme decides the text encoder (see DESIGN.md): ``pooled`` uses the CLIP text tower and gives
+conditioning scheme decides the text encoder (README: "Divergences"): ``pooled`` uses the CLIP text tower and gives
 ``[K, 512]`` means; ``tokens`` uses the diffusion model's own text encoder and gives ``[K, 77, H]`` means.
 """
 
@@ -17,10 +17,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from oscar_common.logs import progress
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from oscar_common.config import SCHEMES
+from oscar_common.wire import SCHEMES
 from oscar_common.models import load_captioner, load_clip_text_encoder, load_diffusion_text_encoder
 from oscar_common.text_encoding import encode_pooled, encode_tokens
 
@@ -47,7 +47,7 @@ def caption_images(
 ) -> list[str]:
     """Unconditional BLIP captions (greedy, as the checkpoint's generation config says), one per image."""
     captions: list[str] = []
-    for start in tqdm(range(0, len(images), batch_size), desc="captioning", unit="batch"):
+    for start in progress(range(0, len(images), batch_size), desc="captioning", unit="batch", logger=log):
         batch = [image.convert("RGB") for image in images[start : start + batch_size]]
         inputs = processor(images=batch, return_tensors="pt").to(model.device, model.dtype)
         output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens)

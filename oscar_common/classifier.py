@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision.transforms import v2
-from tqdm import tqdm
+from oscar_common.logs import progress
 
 from oscar_common.files import atomic_write_bytes
 from oscar_common.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
@@ -176,7 +176,7 @@ def train_classifier(
         torch.manual_seed(seed * 100_003 + epoch)  # the augmentations (num_workers == 0)
         shuffle.manual_seed(seed * 100_003 + epoch)
         loss_sum, correct, seen = 0.0, 0, 0
-        for inputs, labels in tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch"):
+        for inputs, labels in progress(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch", logger=logger):
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(inputs)
@@ -219,7 +219,7 @@ def evaluate_classifier(
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    for inputs, labels in tqdm(loader, desc="evaluate", leave=False, unit="batch"):
+    for inputs, labels in progress(loader, desc="evaluate", leave=False, unit="batch", logger=logger):
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
         predictions = model(inputs.to(device)).argmax(1).cpu()

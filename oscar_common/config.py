@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-import torch
+from oscar_common.wire import SCHEMES
 
-SCHEMES = ("pooled", "tokens")
 SCHEDULERS = ("ddim", "pndm", "default")
 
 
@@ -174,21 +173,3 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"{_kebab(name)} must be a number ({kind}), got {value!r}") from None
     return str(value)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on CUDA (as the paper's SD runs) and float32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None

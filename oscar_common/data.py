@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def load_rgb_images(
     images: list[Image.Image] = []
     kept: list[int] = []
     bad: list[Sample] = []
-    for index, sample in enumerate(tqdm(samples, desc="load images", unit="img", leave=False)):
+    for index, sample in enumerate(progress(samples, desc="load images", unit="img", leave=False, logger=logger)):
         try:
             images.append(_open_rgb(sample.path))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:

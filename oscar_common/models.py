@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from oscar_common.config import SCHEDULERS
+from oscar_common.logs import interactive
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def load_diffusion_pipeline(
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     # One short-lived bar per batch: keep it off the log once done.
-    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not interactive())
     log.info("loaded diffusion pipeline %s on %s (%s, scheduler %s)", model_id, device, dtype,
              type(pipe.scheduler).__name__)
     return pipe

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oscar_common.demo_data import DIGIT_NAMES, make_demo_data
-from oscar_common.tiny import install_tiny_models
+from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
+from oscar_demo.tiny import install_tiny_models
 from oscar_common.logs import setup_logging
 from oscar_demo.federation import ClientSpec, LocalFederation
 from oscar_server.report import client_table

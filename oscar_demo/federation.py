@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import tomli_w
 
+from oscar_deploy.launch import node_config_arg, venv_bin
+
 log = logging.getLogger("oscar.demo")
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "oscar-local"
@@ -29,12 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def venv_bin(name: str) -> str:
-    """Console scripts of the interpreter's own environment (the project's venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 @dataclass
@@ -282,11 +278,6 @@ def _finished(report: Path) -> bool:
         return json.loads(report.read_text()).get("status") in ("completed", "failed")
     except (OSError, ValueError):
         return False  # being replaced right now; look again at the next line
-
-
-def node_config_arg(values: dict[str, Any]) -> str:
-    """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values."""
-    return " ".join(f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items())
 
 
 def descendants(root: int) -> set[int]:

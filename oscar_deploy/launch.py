@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
 from oscar_deploy import certs
-from oscar_demo.federation import venv_bin, node_config_arg
+import tomli_w
 
 SUPERLINK_PORT = 8000  # Flower's default: Fleet, Control and Runtime APIs share it
 SUPERNODE_PORT = 9094  # the SuperNode's local Runtime API (its ClientApp processes connect there)
@@ -38,6 +38,18 @@ SUPERNODE_PORT = 9094  # the SuperNode's local Runtime API (its ClientApp proces
 
 class LaunchError(Exception):
     """A problem the user can fix; printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------- commands
+def venv_bin(name: str) -> str:
+    """Console scripts of the interpreter's own environment (the project's venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def node_config_arg(values: dict[str, Any]) -> str:
+    """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values."""
+    return " ".join(f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items())
 
 
 # ---------------------------------------------------------------------------------------------- checks

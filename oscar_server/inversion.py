@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from oscar_common.logs import progress
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 
@@ -119,7 +119,7 @@ def invert_embeddings(
     requires_grad = [p.requires_grad for p in text_model.parameters()]
     text_model.requires_grad_(False)
     try:
-        with torch.enable_grad(), tqdm(range(steps), desc="prompt inversion", unit="step") as bar:
+        with torch.enable_grad(), progress(range(steps), desc="prompt inversion", unit="step", logger=logger) as bar:
             for step in bar:
                 ids = _nearest_tokens(prompt.detach(), vocab_normed, allowed_ids)
                 snapped = weight.detach()[ids].requires_grad_(True)

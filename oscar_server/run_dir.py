@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save
 
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.payload import ClientPayload
+from oscar_common.wire import ClientPayload
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,15 @@ class RunDirectory:
             "accepted": [{"node_id": n, "client_name": c, "upload_bytes": b} for n, c, b in accepted],
             "rejected": rejected,
         })
+
+    def accepted_uploads(self) -> list[ClientPayload]:
+        """The accepted uploads of the finished upload round, ordered by client name (the order every
+        server stage works in, so results do not depend on the order in which uploads arrived)."""
+        saved = self.load_upload_round()
+        if saved is None:
+            raise FileNotFoundError(f"{self.uploads_path} does not exist: the upload round of this run never "
+                                    "finished, so there is nothing to synthesise from")
+        return sorted((payload for payload, _, _ in saved[0]), key=lambda p: p.client_name)
 
     def load_upload_round(self) -> tuple[list[tuple[ClientPayload, int, int]], list[dict]] | None:
         """The finished upload round, or None if it never finished (then clients must upload again)."""

@@ -24,8 +24,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from oscar_common.classifier import TrainStats
-from oscar_common.config import OscarConfig, resolve_device, resolve_dtype
-from oscar_common.payload import (
+from oscar_common.config import OscarConfig
+from oscar_common.devices import resolve_device, resolve_dtype
+from oscar_common.wire import (
     EVALUATE_MESSAGE_TYPE,
     INSTRUCTION_KEY,
     MODEL_KEY,

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
-from tqdm.auto import tqdm
+from oscar_common.logs import progress
 
 from oscar_common.files import atomic_write_bytes, safe_filename
 
@@ -134,7 +134,7 @@ def generate_images(
     size = resolution or None  # None: the pipeline's default (unet sample_size * vae_scale_factor)
     negative_embeds: torch.Tensor | None = None
     written: list[Path] = []
-    with tqdm(total=len(pending), desc="synthesis", unit="img") as bar:
+    with progress(total=len(pending), desc="synthesis", unit="img", logger=logger) as bar:
         # Batches never mix text jobs and embeds jobs: the pipeline takes one kind of conditioning per call.
         text_jobs = [j for j in pending if j.prompt is not None]
         embeds_jobs = [j for j in pending if j.prompt is None]

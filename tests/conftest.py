@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from oscar_common.demo_data import make_demo_data
-from oscar_common.tiny import install_tiny_models
+from oscar_demo.demo_data import make_demo_data
+from oscar_demo.tiny import install_tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Classifier-free-guidance synthesis on the tiny Stable Diffusion pipeline (oscar_common.tiny)."""
+"""Classifier-free-guidance synthesis on the tiny Stable Diffusion pipeline (oscar_demo.tiny)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from oscar_common.models import load_diffusion_pipeline
-from oscar_common.tiny import save_tiny_stable_diffusion
+from oscar_demo.tiny import save_tiny_stable_diffusion
 from oscar_server.synthesis import (
     SynthesisJob,
     generate_images,

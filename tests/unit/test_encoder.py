@@ -12,7 +12,7 @@ from PIL import Image
 from oscar_client.encoder import EncodedClient, class_means, encode_local_data
 from oscar_common.models import load_clip_text_encoder, load_diffusion_text_encoder
 from oscar_common.text_encoding import encode_pooled, encode_tokens
-from oscar_common.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN
+from oscar_demo.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN
 
 CPU = torch.device("cpu")
 F32 = torch.float32

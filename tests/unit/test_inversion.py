@@ -1,4 +1,4 @@
-"""Hard-prompt inversion of pooled CLIP embeddings, on the tiny CLIP (oscar_common.tiny: projection 512,
+"""Hard-prompt inversion of pooled CLIP embeddings, on the tiny CLIP (oscar_demo.tiny: projection 512,
 real 49408-token BPE vocabulary)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.text_encoding import encode_pooled
-from oscar_common.tiny import save_tiny_clip
+from oscar_demo.tiny import save_tiny_clip
 from oscar_server.inversion import invert_embeddings, projected_text_embeds
 
 PROMPT_TOKENS = 8

@@ -13,20 +13,16 @@ from safetensors import safe_open
 
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import ClientSpec, LocalFederation
+from e2e_support import FAST, hub_env
 
 pytestmark = pytest.mark.e2e
-FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2}
 # Flower's message framing around the means (record names, metadata, object headers): measured ~1 KB.
 PAYLOAD_OVERHEAD = 2048
 
 
-def _env(tiny_hub: Path) -> dict[str, str]:
-    return {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def _run(tmp_path: Path, tiny_hub: Path, clients: list[ClientSpec], **overrides) -> dict:
     run_config = demo_run_config(tmp_path / "runs", "e2e", **{**FAST, **overrides})
-    with LocalFederation(tmp_path, clients, env=_env(tiny_hub), stream=False) as federation:
+    with LocalFederation(tmp_path, clients, env=hub_env(tiny_hub), stream=False) as federation:
         report_path = federation.run(run_config, timeout=900)
     # superlink, supernodes and what Flower started under them, all gone
     assert len(federation.stopped) > len(clients) + 1 and not federation.leftovers
@@ -86,7 +82,7 @@ def test_tokens_run(tmp_path: Path, tiny_hub: Path, demo_clients: dict[str, Path
 def test_simulation_engine(tmp_path: Path, tiny_hub: Path, demo_clients: dict[str, Path]) -> None:
     """`flwr run .` on Flower's simulation engine: virtual SuperNode k reads the k-th client folder."""
     data_root = next(iter(demo_clients.values())).parent
-    with LocalFederation(tmp_path, [], env=_env(tiny_hub), stream=False, simulation_supernodes=3) as federation:
+    with LocalFederation(tmp_path, [], env=hub_env(tiny_hub), stream=False, simulation_supernodes=3) as federation:
         run_config = demo_run_config(tmp_path / "runs", "sim",
                                      **{**FAST, "min-clients": 3, "simulation-data-dir": str(data_root)})
         report_path = federation.run(run_config, timeout=900)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oscar_common.config import OscarConfig
-from oscar_common.payload import ClientPayload
+from oscar_common.wire import ClientPayload
 from oscar_server.report import build_report
 from oscar_server.run_dir import RunDirectory
 from oscar_server.strategy import ClientRecord, NotEnoughClientsError, OscarStrategy

@@ -16,7 +16,7 @@ Hosts: ``ip netns add`` per host; the server namespace holds a bridge, every oth
 peer is attached to it. All addresses live in ``SUBNET``, a private /24 that exists only inside these
 namespaces (nothing is added to, or addressed in, the machine's own network). Needs root.
 
-``python -m oscar_deploy.netns --workdir DIR`` runs the offline demo this way.
+``python -m oscar_demo.netns --workdir DIR`` runs the offline demo this way.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import tomli_w
 
 from oscar_common.logs import setup_logging
 from oscar_demo.demo import demo_run_config, prepare
-from oscar_demo.federation import CONNECTION, PROJECT_DIR, ClientSpec, LocalFederation, venv_bin, signal_pids
+from oscar_demo.federation import CONNECTION, PROJECT_DIR, ClientSpec, LocalFederation, signal_pids
+from oscar_deploy.launch import venv_bin
 from oscar_deploy import certs
 from oscar_deploy.launch import SUPERLINK_PORT, connection_config
 

@@ -22,7 +22,7 @@ from oscar_common.data import (
     stratified_split,
     write_split_file,
 )
-from oscar_common.demo_data import (
+from oscar_demo.demo_data import (
     CLIENTS, DIGIT_NAMES, MARKER, digit_assignment, main, make_demo_data,
 )
 

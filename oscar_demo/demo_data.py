@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _build(root: Path, per_class: int, seed: int) -> None:
     images, labels = _mnist()
     textures = _textures()
     assignment = digit_assignment(labels, per_class, seed)
-    progress = tqdm(total=len(CLIENTS) * len(DIGIT_NAMES) * per_class, desc="demo data", unit="img")
+    progress_bar = progress(total=len(CLIENTS) * len(DIGIT_NAMES) * per_class, desc="demo data", unit="img")
     for c, client in enumerate(CLIENTS):
         rng = np.random.default_rng([seed, 1000 + c])
         for digit, name in enumerate(DIGIT_NAMES):
@@ -176,8 +176,8 @@ def _build(root: Path, per_class: int, seed: int) -> None:
                 pixels = _DOMAINS[client](_upscale(images[index]), rng, textures)
                 image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
                 image.save(folder / f"{client}-{name}-{i:04d}.png")
-                progress.update()
-    progress.close()
+                progress_bar.update()
+    progress_bar.close()
 
 
 def main(argv: list[str] | None = None) -> None:

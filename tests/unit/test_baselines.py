@@ -14,7 +14,7 @@ from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
 from oscar_common.classifier import build_classifier, load_classifier
 from oscar_common.data import load_client_split
-from oscar_common.demo_data import DIGIT_NAMES, make_demo_data
+from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
 from oscar_demo.federation import ClientSpec, LocalFederation
 
 FEDAVG_APP = Path(__file__).resolve().parents[1] / "baselines" / "fedavg"

@@ -1,4 +1,4 @@
-"""Model loading by hub id through a Hugging Face cache (tiny models from oscar_common.tiny), offline."""
+"""Model loading by hub id through a Hugging Face cache (tiny models from oscar_demo.tiny), offline."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection
 
 from oscar_common import models
-from oscar_common.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, TEXT_HIDDEN, install_tiny_models
+from oscar_demo.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, TEXT_HIDDEN, install_tiny_models
 
 CPU = torch.device("cpu")
 F32 = torch.float32

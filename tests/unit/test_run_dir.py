@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from oscar_common.config import OscarConfig
-from oscar_common.payload import ClientPayload
+from oscar_common.wire import ClientPayload
 from oscar_server.run_dir import RunDirectory
 
 

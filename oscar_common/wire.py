@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from oscar_common.files import safe_filename
 
 FORMAT_VERSION = 1
+SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Divergences")
 ARRAYS_KEY = "oscar.payload"
 META_KEY = "oscar.meta"
 ARRAY_NAMES = ("class_ids", "counts", "means")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from oscar_client.settings import NodeSettings
+from oscar_common.node_settings import NodeSettings
 
 
 def test_deployment_settings(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def _simulation_partition(run_config: Mapping[str, Any], partition_id: int) -> P
     root = Path(str(run_config.get("simulation-data-dir", "demo/data"))).expanduser()
     if not root.is_dir():
         raise ValueError(
-            f"simulation-data-dir {str(root)!r} does not exist: run `make demo-data` or pass "
+            f"simulation-data-dir {str(root)!r} does not exist: run `make demo` once (it writes demo/data), or pass "
             "--run-config \"simulation-data-dir='/abs/path'\" with one sub-folder per client"
         )
     clients = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

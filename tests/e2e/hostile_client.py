@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
-from oscar_common.payload import ARRAYS_KEY, INSTRUCTION_KEY, META_KEY, ClientPayload
+from oscar_common.wire import ARRAYS_KEY, INSTRUCTION_KEY, META_KEY, ClientPayload
 
 app = ClientApp()
 DIM = 512

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from oscar_common.payload import (
+from oscar_common.wire import (
     ARRAYS_KEY,
     META_KEY,
     ClientPayload,

@@ -1,0 +1,13 @@
+"""Shared by the end-to-end tests (not a test module): run settings and the federation environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Small enough for 2 CPU cores, large enough that every stage does real work.
+FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2}
+
+
+def hub_env(tiny_hub: Path) -> dict[str, str]:
+    """Environment of every Flower process: the tiny models' cache, never the network."""
+    return {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
