@@ -1,20 +1,22 @@
 """One configuration object for the whole run.
 
 Built from Flower's ``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml, overridden
-with ``flwr run --run-config``). Keys are kebab-case there and snake_case here. The server builds it;
+with ``flwr run --run-config``). Keys are kebab-case there and snake_case here; pyproject holds every
+default once and :class:`OscarConfig` repeats it (a test keeps the two equal). The server builds it;
 clients never read their own copy: they get what they need in the train instruction
-(:meth:`OscarConfig.client_instruction`).
+(:meth:`OscarConfig.train_instruction`). Every value is checked here, before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from oscar_common.wire import SCHEMES
+from oscar_common.wire import SCHEMES, TRANSPORT_DTYPES, TrainInstruction
 
-SCHEDULERS = ("ddim", "pndm", "default")
+SCHEDULERS = ("pndm", "ddim", "default")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class OscarConfig:
     text_encoder: str = "openai/clip-vit-base-patch32"
     diffusion_model: str = "CompVis/stable-diffusion-v1-4"
     # --- synthesis ---
-    scheduler: str = "ddim"  # the official code uses DDIM; "default" keeps the checkpoint's own
+    scheduler: str = "pndm"  # what the official code ran: SD-1.4's own PNDM (README "Divergences")
     guidance_scale: float = 7.5  # diffusers convention: eps_u + g (eps_c - eps_u); paper's s = g - 1
     num_inference_steps: int = 50
     images_per_class: int = 10
@@ -37,10 +39,15 @@ class OscarConfig:
     inversion_lr: float = 0.1
     # --- classes and client-side encoding ---
     class_names: tuple[str, ...] = ()
-    min_images_per_class: int = 1
-    caption_batch_size: int = 16
+    min_images_per_class: int = 5  # a class of one image would upload that image's caption embedding
+    caption_batch_size: int = 0  # 0: each client chooses from its device
     caption_max_tokens: int = 30
-    # --- classifier trained on the synthetic set (official code: ImageNet ResNet-18, SGD 1e-3) ---
+    # --- what clients share (README "Privacy") ---
+    share_counts: bool = False
+    prototypes_per_class: int = 1
+    transport_dtype: str = "float32"
+    dp_max_epsilon: float = 0.0  # > 0: every upload must be differentially private with at most this epsilon
+    # --- classifier trained on the synthetic set ---
     classifier_pretrained: bool = True
     classifier_image_size: int = 224
     epochs: int = 25
@@ -54,7 +61,7 @@ class OscarConfig:
     wait_for_clients_timeout: float = 300.0
     train_timeout: float = 3600.0
     evaluate_timeout: float = 600.0
-    max_payload_bytes: int = 64 * 1024 * 1024
+    max_payload_bytes: int = 0  # 0: exactly what a valid upload of this run can need (grows with classes)
     run_dir: str = "runs"
     run_name: str = ""
     resume: bool = True
@@ -71,19 +78,9 @@ class OscarConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        for name in ("images_per_class", "num_inference_steps", "epochs", "batch_size",
-                     "min_clients", "min_images_per_class", "generation_batch_size",
-                     "caption_batch_size", "inversion_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        if "{prompt}" not in self.prompt_template and self.scheme == "pooled":
-            raise ValueError("prompt-template must contain '{prompt}' (the decoded client prompt)")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class-names has duplicates: {list(self.class_names)}")
+        problems = config_problems(self)
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -104,19 +101,75 @@ class OscarConfig:
         """The text encoder clients must use: CLIP for ``pooled``, SD's own for ``tokens``."""
         return self.text_encoder if self.scheme == "pooled" else self.diffusion_model
 
-    def client_instruction(self) -> dict[str, Any]:
-        """What a client needs to encode its data; sent in the train message's ConfigRecord."""
-        return {
-            "scheme": self.scheme,
-            "captioner": self.captioner,
-            "encoder-id": self.client_encoder_id,
-            "class-names": list(self.class_names),
-            "min-images-per-class": self.min_images_per_class,
-            "caption-batch-size": self.caption_batch_size,
-            "caption-max-tokens": self.caption_max_tokens,
-            "seed": self.seed,
-        }
+    def train_instruction(self) -> TrainInstruction:
+        """What a client needs to encode its data; sent in the train message."""
+        return TrainInstruction(
+            scheme=self.scheme, captioner=self.captioner, encoder_id=self.client_encoder_id,
+            class_names=self.class_names, min_images_per_class=self.min_images_per_class,
+            caption_batch_size=self.caption_batch_size, caption_max_tokens=self.caption_max_tokens,
+            seed=self.seed, share_counts=self.share_counts, prototypes_per_class=self.prototypes_per_class,
+            transport_dtype=self.transport_dtype, dp_max_epsilon=self.dp_max_epsilon,
+        )
 
+
+# (key, rule, check): each rule a user can read in the error message.
+_RANGES: list[tuple[str, str, Any]] = [
+    ("guidance_scale", ">= 1 (1 turns guidance off; the paper's s = g - 1 >= 0)", lambda v: v >= 1),
+    ("num_inference_steps", ">= 1", lambda v: v >= 1),
+    ("images_per_class", ">= 1", lambda v: v >= 1),
+    ("image_resolution", "0 (native) or a multiple of 8 from 64", lambda v: v == 0 or (v >= 64 and v % 8 == 0)),
+    ("generation_batch_size", ">= 0 (0: chosen from free GPU memory)", lambda v: v >= 0),
+    ("inversion_tokens", "between 1 and 75 (CLIP's 77 positions less BOS and EOS)", lambda v: 1 <= v <= 75),
+    ("inversion_steps", ">= 1", lambda v: v >= 1),
+    ("inversion_lr", "> 0", lambda v: v > 0),
+    ("min_images_per_class", ">= 1", lambda v: v >= 1),
+    ("caption_batch_size", ">= 0 (0: each client chooses)", lambda v: v >= 0),
+    ("caption_max_tokens", ">= 1", lambda v: v >= 1),
+    ("prototypes_per_class", ">= 1", lambda v: v >= 1),
+    ("dp_max_epsilon", ">= 0 (0: differential privacy not required)", lambda v: v >= 0),
+    ("classifier_image_size", ">= 32", lambda v: v >= 32),
+    ("epochs", ">= 1", lambda v: v >= 1),
+    ("batch_size", ">= 1", lambda v: v >= 1),
+    ("lr", "> 0", lambda v: v > 0),
+    ("seed", ">= 0", lambda v: v >= 0),
+    ("min_clients", ">= 1", lambda v: v >= 1),
+    ("wait_for_clients_timeout", "> 0 seconds", lambda v: v > 0),
+    ("train_timeout", "> 0 seconds", lambda v: v > 0),
+    ("evaluate_timeout", "> 0 seconds", lambda v: v > 0),
+    ("max_payload_bytes", ">= 0 (0: what a valid upload of this run can need)", lambda v: v >= 0),
+    ("train_shots", ">= 0", lambda v: v >= 0),
+    ("test_shots", ">= 0", lambda v: v >= 0),
+    ("num_clients", ">= 0", lambda v: v >= 0),
+    ("alpha", "> 0", lambda v: v > 0),
+]
+
+
+def config_problems(cfg: "OscarConfig") -> list[str]:
+    """Every rule the config breaks, each naming its run-config key."""
+    problems = []
+    if cfg.scheme not in SCHEMES:
+        problems.append(f"scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
+    if cfg.scheduler not in SCHEDULERS:
+        problems.append(f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}")
+    if cfg.transport_dtype not in TRANSPORT_DTYPES:
+        problems.append(f"transport-dtype must be one of {TRANSPORT_DTYPES}, got {cfg.transport_dtype!r}")
+    for name, rule, check in _RANGES:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{_kebab(name)} must be a finite number, got {value}")
+        elif not check(value):
+            problems.append(f"{_kebab(name)} must be {rule}, got {value}")
+    if "{prompt}" not in cfg.prompt_template and cfg.scheme == "pooled":
+        problems.append("prompt-template must contain '{prompt}' (the decoded client prompt)")
+    if cfg.dp_max_epsilon > 0 and cfg.prototypes_per_class > 1:
+        problems.append("dp-max-epsilon cannot be combined with prototypes-per-class > 1: k-means assigns each "
+                        "image by all the others, so one image can move several prototypes and the per-class "
+                        "guarantee no longer holds (README \"Privacy\")")
+    if len(set(cfg.class_names)) != len(cfg.class_names):
+        problems.append(f"class-names has duplicates: {list(cfg.class_names)}")
+    if cfg.run_name and cfg.run_name != cfg.run_name.strip("./") or "/" in cfg.run_name:
+        problems.append(f"run-name must be a plain folder name, got {cfg.run_name!r}")
+    return problems
 
 def parse_run_config(cls: type, run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a Flower run config into a config dataclass's keyword arguments (values coerced to the

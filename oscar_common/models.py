@@ -14,6 +14,7 @@ All models come back in eval mode with gradients off: OSCAR never trains them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import (
@@ -172,6 +174,35 @@ def load_diffusion_pipeline(
     return pipe
 
 
+def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) -> Path:
+    """The pipeline's folder, after checking that every component it lists has its config and weights.
+
+    Reads files only (no weights are loaded), so the server can say "missing" before any client works.
+    """
+    if Path(model_id).is_dir():
+        root = Path(model_id)
+    else:
+        with _translate_missing(model_id, cache_dir):
+            kwargs = _hub_kwargs(cache_dir)
+            root = Path(snapshot_download(model_id, cache_dir=kwargs["cache_dir"], local_files_only=True,
+                                          allow_patterns=["model_index.json"]))
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFoundError(model_id, cache_dir, f"{index} is missing: not a diffusers pipeline")
+    missing = []
+    for component, spec in json.loads(index.read_text()).items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue  # metadata, or an optional component that is absent (e.g. the safety checker)
+        folder = root / component
+        weights = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")] if folder.is_dir() else []
+        configs = list(folder.glob("*.json")) if folder.is_dir() else []
+        if not configs or (component in ("unet", "vae", "text_encoder") and not weights):
+            missing.append(component)
+    if missing:
+        raise ModelNotFoundError(model_id, cache_dir, f"components without config or weights: {missing}")
+    return root
+
+
 def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -> int:
     """The size of what clients upload per class and position, from the encoder's config alone.
 
@@ -183,3 +214,21 @@ def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -
         if scheme == "pooled":
             return int(CLIPConfig.from_pretrained(model_id, **kwargs).projection_dim)
         return int(CLIPTextConfig.from_pretrained(model_id, subfolder="text_encoder", **kwargs).hidden_size)
+
+
+STAND_IN_MARKER = "OSCAR_STAND_IN.txt"  # written next to the tiny demo/test models (oscar_demo.tiny)
+
+
+def stand_in_note(model_id: str, cache_dir: CacheDir = None) -> str | None:
+    """The marker text when ``model_id`` resolves to a tiny random-weight stand-in, else None."""
+    local = Path(model_id) / STAND_IN_MARKER
+    if local.is_file():
+        return local.read_text().strip()
+    if Path(model_id).is_dir():
+        return None
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return None
+    cached = try_to_load_from_cache(model_id, STAND_IN_MARKER, cache_dir=_hub_kwargs(cache_dir)["cache_dir"])
+    return Path(cached).read_text().strip() if isinstance(cached, str) else None

@@ -54,6 +54,8 @@ CAPTIONER_ID = "Salesforce/blip-image-captioning-base"
 CLIP_ID = "openai/clip-vit-base-patch32"
 DIFFUSION_ID = "CompVis/stable-diffusion-v1-4"
 
+STAND_IN_MARKER = "OSCAR_STAND_IN.txt"
+STAND_IN_TEXT = "tiny random-weight stand-in built by oscar_demo.tiny (outputs are noise; accuracy is at chance)"
 CLIP_MAX_LENGTH = 77
 CLIP_PROJECTION_DIM = 512  # openai/clip-vit-base-patch32's, so pooled payloads are K x 512
 TEXT_HIDDEN = 32  # hidden size of every tiny text tower (and the UNet's cross-attention dim)
@@ -300,6 +302,8 @@ def install_tiny_models(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-oscar-tiny-", dir=cache_dir))
         try:
             save(tmp / "snapshot", seed)
+            # Read by oscar_common.models.stand_in_note: reports say when their models were these stand-ins.
+            (tmp / "snapshot" / STAND_IN_MARKER).write_text(STAND_IN_TEXT + "\n")
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(tmp / "snapshot", snapshot)
