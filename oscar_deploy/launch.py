@@ -262,6 +262,7 @@ def supernode_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.insecure == (args.root_certificates is not None):
         raise LaunchError("pass --root-certificates CA_CERT (TLS, from oscar-certs) or --insecure")
+    parse_address(args.superlink)
     if args.auth_key is None and not args.no_auth:
         raise LaunchError("no --auth-key: the SuperLink accepts only registered SuperNodes (oscar-superlink turns "
                           "authentication on), so pass this client's private key from oscar-certs "
