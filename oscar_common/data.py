@@ -83,6 +83,11 @@ def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> S
         raise DataDirError(f"no class folders in {root}; expected layout {_LAYOUT}")
     wanted = set(class_names) if class_names is not None else None
     unknown = [p.name for p in folders if wanted is not None and p.name not in wanted]
+    if wanted is not None and len(unknown) == len(folders):
+        raise DataDirError(
+            f"none of the {len(folders)} class folders of {root} is a class of this federation: folders "
+            f"{_few(unknown)}; the federation's class-names {_few(sorted(wanted))}. Check the server's class-names "
+            "and the folders' spelling (names must match exactly, case included)")
     if unknown:
         logger.warning("%s: skipping %d folder(s) that are not known classes: %s",
                        root, len(unknown), ", ".join(unknown))
@@ -104,6 +109,11 @@ def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> S
         )
     samples.sort(key=lambda s: (s.class_name, s.path.relative_to(root).as_posix()))
     return ScanResult(root=root, samples=samples, unknown_classes=unknown)
+
+
+def _few(names: Sequence[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(n) for n in list(names)[:shown])
+    return f"{listed} (+{len(names) - shown} more)" if len(names) > shown else listed
 
 
 def _class_seed(seed: int, class_name: str) -> int:
