@@ -88,9 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_section(name: str, section, ctx: Context) -> tuple[dict[str, Any], Sequence]:
     """(the section's recorded result, its ratio specs): ok, failed (with the error), or skipped."""
-    if ctx.budget.remaining() <= 0:
-        log.warning("section %s skipped: the %.0f s budget is spent", name, ctx.budget.seconds)
-        return {"status": "skipped", "reason": f"time budget of {ctx.budget.seconds:.0f} s spent"}, ()
+    needs = section.expected_seconds.get(ctx.scale.mode, 0.0)
+    if ctx.budget.remaining() <= needs / 2:
+        # Half of what it usually takes: a section that cannot finish in time would only delay the report.
+        log.warning("section %s skipped: %.0f s of the budget left, it usually takes %.0f s", name,
+                    ctx.budget.remaining(), needs)
+        return {"status": "skipped", "reason": f"{max(0.0, ctx.budget.remaining()):.0f} s of the "
+                                               f"{ctx.budget.seconds:.0f} s budget left; it usually takes "
+                                               f"{needs:.0f} s"}, ()
     log.info("section %s: starting (%.0f s of budget left)", name, ctx.budget.remaining())
     started = ctx.budget.elapsed()
     try:

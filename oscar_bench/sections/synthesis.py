@@ -39,7 +39,7 @@ COLUMNS = (Column("path", "name"), Column("dtype", "dtype"), Column("batch", "ba
            Column("images", "images"), Column("seconds", "seconds"), Column("img/s", "img_per_s"),
            Column("UNet calls/img", "unet_calls"), Column("TFLOP/img", "tflop_per_image"),
            Column("TFLOP/s", "tflops"), Column("% of peak", "pct_of_peak"),
-           Column("warm-up s", "warmup_seconds"))
+           Column("warm-up s", "warmup_seconds"), Column("compile s", "compile_seconds"))
 
 RATIOS = (
     RatioSpec("project / official-style (img/s)", "synthesis.project.img_per_s", "synthesis.official.img_per_s"),
@@ -83,8 +83,11 @@ def run(ctx: Context) -> dict[str, Any]:
                                                       first_index=batch), ctx.device)
     if written != len(timed_prompts):
         raise RuntimeError(f"the project's synthesis wrote {written} of {len(timed_prompts)} images")
+    # The warm-up batch's time beyond a steady batch's: compilation and other first-call costs.
+    compile_seconds = max(0.0, warmup_seconds - len(warm_prompts) * seconds / written)
     rows.append(_rate_row(ctx, "project", "project: synthesis path, PNGs written", dtype, batch, written, seconds,
-                          project_unet_calls, per_image, warmup_seconds=warmup_seconds))
+                          project_unet_calls, per_image, warmup_seconds=warmup_seconds,
+                          compile_seconds=compile_seconds))
 
     if scale.bare_pipeline and (ctx.tiny or ctx.time_left() > 3 * seconds / scale.project_batches):
         # Same pipeline object and settings, one batch, no files: the pipeline's own speed.

@@ -64,6 +64,8 @@ def test_json_has_the_machine_the_sections_and_the_targets(tiny_run):
     official, project = doc["sections"]["synthesis"]["rows"][:2]
     assert official["batch_size"] == 1 and official["images"] == 2 and project["images"] == project["batch_size"]
     assert project["warmup_seconds"] > 0
+    steady_batch = project["batch_size"] * project["seconds"] / project["images"]
+    assert project["compile_seconds"] == pytest.approx(max(0.0, project["warmup_seconds"] - steady_batch))
     # Tiny: the targets are evaluated but do not apply (they speak of full-size models on an H200).
     assert [t["applies"] for t in doc["targets"]] == [False] * 5
     assert all(t["value"] is not None and isinstance(t["met"], bool) for t in doc["targets"])
@@ -110,7 +112,7 @@ def test_markdown_tables_are_written_and_printed_last(tiny_run):
     assert printed.rstrip().endswith(markdown.rstrip())
     lines = markdown.splitlines()
     header = ("| path | dtype | batch | images | seconds | img/s | UNet calls/img | TFLOP/img | TFLOP/s | % of peak "
-              "| warm-up s |")
+              "| warm-up s | compile s |")
     assert header in lines
     row = lines[lines.index(header) + 2]
     assert row.startswith("| official-style loop (1 image per call, PNG) | float32 | 1 | 2 |")
@@ -173,3 +175,12 @@ def test_inversion_cost_model_separates_setup_steps_and_checks():
     assert model == pytest.approx({"setup_seconds": 2.0, "step_seconds": 0.05, "eval_seconds": 0.2})
     assert (checks(1000, 50), checks(3000, 1), checks(20, 20), checks(7, 3)) == (21, 3000, 2, 3)
     assert math.isclose(checks(40, 40), 2)
+
+
+def test_sections_past_the_budget_are_skipped_and_still_reported(tmp_path):
+    printed = _run(["--tiny", "--out", str(tmp_path), "--device", "cpu", "--budget-seconds", "0",
+                    "--sections", "peak", "inversion"])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert {name: s["status"] for name, s in doc["sections"].items()} == {"peak": "skipped", "inversion": "skipped"}
+    assert "budget" in doc["sections"]["peak"]["reason"]
+    assert "**skipped**" in printed
