@@ -1,4 +1,4 @@
-"""``oscar-bench``: how fast the server's and the client's work runs on this machine, against baselines.
+"""oscar-bench: how fast the server's and the client's work runs on this machine, against baselines.
 
     oscar-bench --out DIR                  # full-size architectures (random weights), on CUDA if present
     oscar-bench --tiny --out DIR           # the same code on the tiny models: seconds on a CPU
