@@ -171,15 +171,15 @@ def train_classifier(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     criterion = nn.CrossEntropyLoss()
-    progress = TrainingProgress()
+    state = TrainingProgress()
     if checkpoint is not None and Path(checkpoint).exists():
-        progress = load_checkpoint(Path(checkpoint), model, optimizer, scheduler)
-        logger.info("resuming training from %s after epoch %d/%d", checkpoint, progress.epoch, epochs)
-    # stats shares the history lists with progress: what an epoch appends is also checkpointed
-    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0, losses=progress.losses,
-                       accuracies=progress.accuracies)
+        state = load_checkpoint(Path(checkpoint), model, optimizer, scheduler)
+        logger.info("resuming training from %s after epoch %d/%d", checkpoint, state.epoch, epochs)
+    # stats shares the history lists with state: what an epoch appends is also checkpointed
+    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0, losses=state.losses,
+                       accuracies=state.accuracies)
     start = time.perf_counter()
-    for epoch in range(progress.epoch + 1, epochs + 1):
+    for epoch in range(state.epoch + 1, epochs + 1):
         torch.manual_seed(seed * 100_003 + epoch)  # the augmentations (num_workers == 0)
         shuffle.manual_seed(seed * 100_003 + epoch)
         loss_sum, correct, seen = 0.0, 0, 0
@@ -200,8 +200,8 @@ def train_classifier(
             logger.info("epoch %d/%d loss %.4f acc %.4f", epoch, epochs, stats.losses[-1],
                         stats.accuracies[-1])
         if checkpoint is not None:
-            progress.epoch = epoch
-            save_checkpoint(Path(checkpoint), model, optimizer, scheduler, progress)
+            state.epoch = epoch
+            save_checkpoint(Path(checkpoint), model, optimizer, scheduler, state)
     stats.seconds = time.perf_counter() - start
     stats.train_accuracy = stats.accuracies[-1] if stats.accuracies else 0.0
     return stats

@@ -54,7 +54,8 @@ def projected_text_embeds(
     bos = ends[0].expand(n, 1, -1)
     eos = ends[1].expand(n, 1, -1)
     hidden = tm.embeddings(inputs_embeds=torch.cat([bos, prompt_embeds.to(ends.dtype), eos], dim=1))
-    mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+    # Positional: the fourth parameter (no cache) is `past_key_values` up to transformers 5.17 and `cache` later.
+    mask = create_causal_mask(tm.config, hidden, None, None)
     hidden = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
     pooled = tm.final_layer_norm(hidden)[:, -1]  # the EOS position
     return text_model.text_projection(pooled)
