@@ -20,7 +20,7 @@ from PIL import Image
 from oscar_common.logs import progress
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from oscar_common.wire import SCHEMES
+from oscar_common.choices import SCHEMES
 from oscar_common.models import load_captioner, load_clip_text_encoder, load_diffusion_text_encoder
 from oscar_common.text_encoding import encode_pooled, encode_tokens
 

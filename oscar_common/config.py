@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from oscar_common.wire import SCHEMES, TRANSPORT_DTYPES, TrainInstruction
+from oscar_common.choices import SCHEDULERS, SCHEMES, TRANSPORT_DTYPES
 
-SCHEDULERS = ("pndm", "ddim", "default")
+if TYPE_CHECKING:
+    from oscar_common.wire import TrainInstruction
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,10 @@ class OscarConfig:
         """The text encoder clients must use: CLIP for ``pooled``, SD's own for ``tokens``."""
         return self.text_encoder if self.scheme == "pooled" else self.diffusion_model
 
-    def train_instruction(self) -> TrainInstruction:
+    def train_instruction(self) -> "TrainInstruction":
         """What a client needs to encode its data; sent in the train message."""
+        from oscar_common.wire import TrainInstruction  # Flower's records: only where messages are made
+
         return TrainInstruction(
             scheme=self.scheme, captioner=self.captioner, encoder_id=self.client_encoder_id,
             class_names=self.class_names, min_images_per_class=self.min_images_per_class,

@@ -35,7 +35,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from oscar_common.config import SCHEDULERS
+from oscar_common.choices import SCHEDULERS
 from oscar_common.logs import interactive
 
 log = logging.getLogger(__name__)

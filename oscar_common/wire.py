@@ -30,11 +30,10 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from oscar_common.choices import SCHEMES, TRANSPORT_DTYPES
 from oscar_common.files import safe_filename
 
 FORMAT_VERSION = 2
-SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Divergences")
-TRANSPORT_DTYPES = ("float32", "float16")
 TOKEN_SEQUENCE_LENGTH = 77  # CLIP's context length, which Stable Diffusion 1.x/2.x is conditioned on
 
 TRAIN_MESSAGE_TYPE = "train"
