@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
-from oscar_common.choices import SCHEDULERS, SCHEMES, TRANSPORT_DTYPES
+from oscar_common.choices import SCHEDULERS, SCHEMES, SWITCHES, TRANSPORT_DTYPES
 
 if TYPE_CHECKING:
     from oscar_common.wire import TrainInstruction
@@ -33,7 +33,16 @@ class OscarConfig:
     num_inference_steps: int = 50
     images_per_class: int = 10
     image_resolution: int = 0  # 0: the diffusion model's native size (512 for SD 1.x)
-    generation_batch_size: int = 8
+    generation_batch_size: int = 0  # 0: from free GPU memory (CUDA), a small fixed batch on CPU
+    # --- how the server stages run (oscar_server.stage_launcher, oscar_server.generation) ---
+    num_processes: str = "auto"  # "auto": one process per visible CUDA GPU (1 on CPU), or a number
+    accelerate_config: str = ""  # an `accelerate config` file for multi-GPU launches; "": accelerate's default
+    compile: str = "auto"  # torch.compile the UNet and VAE decoder: auto (CUDA only), true, false
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    fuse_qkv: bool = True  # fused attention QKV projections (diffusers' fuse_qkv_projections)
+    png_writers: int = 4  # threads encoding and writing PNGs beside the GPU; 0: in the generating thread
+    tf32: bool = True  # TensorFloat-32 matmuls on CUDA (inversion runs in float32)
+    inversion_chunk_size: int = 0  # targets optimised at once; 0: from free GPU memory (CUDA), 256 on CPU
     prompt_template: str = "{class_name}, {prompt}"
     inversion_tokens: int = 16
     inversion_steps: int = 1000
@@ -122,6 +131,8 @@ _RANGES: list[tuple[str, str, Any]] = [
     ("images_per_class", ">= 1", lambda v: v >= 1),
     ("image_resolution", "0 (native) or a multiple of 8 from 64", lambda v: v == 0 or (v >= 64 and v % 8 == 0)),
     ("generation_batch_size", ">= 0 (0: chosen from free GPU memory)", lambda v: v >= 0),
+    ("png_writers", ">= 0 (0: PNGs written by the generating thread)", lambda v: v >= 0),
+    ("inversion_chunk_size", ">= 0 (0: chosen from free GPU memory)", lambda v: v >= 0),
     ("inversion_tokens", "between 1 and 75 (CLIP's 77 positions less BOS and EOS)", lambda v: 1 <= v <= 75),
     ("inversion_steps", ">= 1", lambda v: v >= 1),
     ("inversion_lr", "> 0", lambda v: v > 0),
@@ -162,6 +173,10 @@ def config_problems(cfg: "OscarConfig") -> list[str]:
             problems.append(f"{_kebab(name)} must be a finite number, got {value}")
         elif not check(value):
             problems.append(f"{_kebab(name)} must be {rule}, got {value}")
+    if cfg.num_processes != "auto" and not (cfg.num_processes.isdigit() and int(cfg.num_processes) >= 1):
+        problems.append(f"num-processes must be 'auto' or a whole number >= 1, got {cfg.num_processes!r}")
+    if cfg.compile.lower() not in SWITCHES:
+        problems.append(f"compile must be one of {SWITCHES}, got {cfg.compile!r}")
     if "{prompt}" not in cfg.prompt_template and cfg.scheme == "pooled":
         problems.append("prompt-template must contain '{prompt}' (the decoded client prompt)")
     if cfg.dp_max_epsilon > 0 and cfg.prototypes_per_class > 1:

@@ -60,6 +60,12 @@ def test_overrides_are_coerced() -> None:
     ({"class-names": "cat,cat"}, "duplicates"),
     ({"prompt-template": "{class_name}"}, "must contain '{prompt}'"),
     ({"classifier-pretrained": "maybe"}, "true or false"),
+    ({"num-processes": "two"}, "num-processes must be 'auto' or a whole number >= 1"),
+    ({"num-processes": 0}, "num-processes must be 'auto' or a whole number >= 1"),
+    ({"compile": "sometimes"}, "compile must be one of ('auto', 'true', 'false')"),
+    ({"generation-batch-size": -1}, "generation-batch-size must be >= 0 (0: chosen from free GPU memory)"),
+    ({"inversion-chunk-size": -2}, "inversion-chunk-size must be >= 0 (0: chosen from free GPU memory)"),
+    ({"png-writers": -1}, "png-writers must be >= 0"),
 ])
 def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
