@@ -64,10 +64,12 @@ def use_compile(setting: str, device: torch.device) -> bool:
 
 def configure_cuda(*, tf32: bool) -> None:
     """TensorFloat-32 for float32 matmuls (the inversion's text encoder) and cuDNN autotuning for the
-    fixed-shape convolutions of the UNet and VAE. No effect on CPU."""
+    fixed-shape convolutions of the UNet and VAE. Nothing changes without CUDA."""
+    if not torch.cuda.is_available():
+        return
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = True
 
 
 def auto_batch_size(pipe: StableDiffusionPipeline, resolution: int) -> int:
@@ -184,4 +186,4 @@ def generate_images(
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] (the pipeline's ``"pt"`` output) -> uint8 [B, H, W, 3] on the CPU, rounded
     as diffusers' own PIL conversion does, but on the tensor's device (4x less to copy off a GPU)."""
-    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()

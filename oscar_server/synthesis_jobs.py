@@ -13,6 +13,7 @@ process, batch or restart generates which image.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,30 @@ class SynthesisJob:
     def relative_path(self) -> Path:
         name = f"{safe_filename(self.client)}__c{self.class_id:04d}__{self.index:03d}.png"
         return Path(safe_filename(self.class_name)) / name
+
+
+@dataclass(frozen=True)
+class SyntheticImage:
+    """A finished image of the synthetic set, as found on disk (for training and reports)."""
+
+    path: Path
+    client: str  # as in the file name (made file-name safe)
+    class_id: int
+    index: int
+
+
+_IMAGE_NAME = re.compile(r"^(?P<client>.+)__c(?P<class_id>\d+)__(?P<index>\d+)\.png$")
+
+
+def synthetic_images(synthetic_dir: Path) -> list[SyntheticImage]:
+    """The images under ``synthetic_dir`` named as :attr:`SynthesisJob.relative_path` names them, sorted by
+    (client, class id, index); temporary files of unfinished writes and other files are left out."""
+    found = []
+    for path in Path(synthetic_dir).glob("*/*.png"):
+        match = _IMAGE_NAME.match(path.name)
+        if match:
+            found.append(SyntheticImage(path, match["client"], int(match["class_id"]), int(match["index"])))
+    return sorted(found, key=lambda image: (image.client, image.class_id, image.index))
 
 
 def plan_jobs(

@@ -23,6 +23,7 @@ from oscar_server.synthesis_jobs import (
     image_seed,
     plan_jobs,
     prompt_class_name,
+    synthetic_images,
     upload_rows,
 )
 
@@ -212,6 +213,19 @@ def test_relative_path_layout_and_sanitising():
         SynthesisJob("c", 0, "a", 0, seed=1)  # neither prompt nor embeds
 
 
+def test_synthetic_images_are_found_by_their_names(tmp_path):
+    jobs = jobs_for("node/7", [3, 12], ("aircraft_carrier", "cat"), ["p", "q"], 2)
+    for job in jobs:
+        (tmp_path / job.relative_path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / job.relative_path).write_bytes(b"png")
+    (tmp_path / "cat" / ".node_7__c0012__002.png.x1.tmp").write_bytes(b"unfinished")
+    (tmp_path / "cat" / "notes.png").write_bytes(b"not ours")
+    found = synthetic_images(tmp_path)
+    assert [(i.client, i.class_id, i.index) for i in found] == [
+        ("node_7", 3, 0), ("node_7", 3, 1), ("node_7", 12, 0), ("node_7", 12, 1)]
+    assert found[2].path == tmp_path / "cat" / "node_7__c0012__000.png"
+
+
 def test_duplicate_jobs_are_refused(tmp_path):
     job = SynthesisJob("c", 0, "a", 0, seed=1, prompt="x")
     with pytest.raises(ValueError, match="same file"):
@@ -374,18 +388,29 @@ def test_failed_compile_falls_back_to_the_plain_pipeline(fresh_sd, tmp_path, mon
     assert generate_images(fresh_sd, [job], tmp_path).written == [tmp_path / job.relative_path]
 
 
-def test_a_compiled_pipeline_gets_full_batches_only(sd, tmp_path, monkeypatch):
-    """A smaller last batch would make torch.compile compile again: it is padded, the padding discarded."""
-    monkeypatch.setattr(generation, "is_compiled_module", lambda module: True)
-    sizes = []
-    original = type(sd).__call__
+def test_a_compiled_pipeline_compiles_once_and_draws_the_same_images(sd, fresh_sd, tmp_path, monkeypatch):
+    """torch.compile's graph capture (TorchDynamo) for real, with a backend that runs the captured graphs as
+    they are (no C compiler needed): the warm-up captures the UNet and the VAE decoder once, and later
+    batches, the last one padded to the full size, reuse them: any recompile (a new batch shape, a guard on
+    the per-image generators) would add graphs."""
+    graphs = []
+    real_compile = torch.compile
 
-    def recording_call(self, *args, **kwargs):
-        sizes.append(len(kwargs["prompt"]))
-        return original(self, *args, **kwargs)
+    def capturing_compile(fn, mode=None):
+        def backend(graph, example_inputs):
+            graphs.append(type(fn).__name__)
+            return graph.forward
+        return real_compile(fn, backend=backend)
 
-    monkeypatch.setattr(type(sd), "__call__", recording_call)
-    jobs = jobs_for("c1", [0], ("cat",), ["cat, x"], 2)
-    result = generate_images(sd, jobs, tmp_path, batch_size=3)
-    assert sizes == [3]
-    assert sorted(result.written) == sorted(tmp_path / j.relative_path for j in jobs)
+    monkeypatch.setattr(torch, "compile", capturing_compile)
+    seconds = generation.prepare_pipeline(fresh_sd, fuse_qkv=True, compile=True, compile_mode="default",
+                                          batch_size=3, resolution=0, guidance_scale=7.5)
+    assert seconds > 0 and sorted(graphs) == ["UNet2DConditionModel", "method"]  # the UNet, vae.decode
+    jobs = jobs_for("c1", [0, 1], ("cat", "dog"), ["cat, x", "dog, y"], 2)  # a batch of 3, then 1 (+2 padding)
+    compiled = generate_images(fresh_sd, jobs, tmp_path / "compiled", batch_size=3)
+    assert len(graphs) == 2, f"recompiled: {graphs}"
+    assert sorted(compiled.written) == sorted(tmp_path / "compiled" / j.relative_path for j in jobs)
+    generate_images(sd, jobs, tmp_path / "eager", batch_size=3)
+    for job in jobs:
+        assert np.abs(_pixels(tmp_path / "compiled" / job.relative_path)
+                      - _pixels(tmp_path / "eager" / job.relative_path)).max() <= 1
