@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from oscar_bench.architectures import DiffusionParts
 from oscar_common.classifier import build_classifier, train_classifier, train_transform
 from oscar_common.data import ImageListDataset
-from oscar_common.devices import resolve_dtype
+from oscar_server.generation import auto_batch_size, generation_dtype
 from oscar_server.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis import generate_images, jobs_for_prompts
 
@@ -42,8 +42,8 @@ def project_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
 
 
 def project_dtype(defaults: dict[str, Any], device: torch.device) -> torch.dtype:
-    """The dtype a user's run synthesises in (``dtype = auto``: float16 on CUDA, float32 elsewhere)."""
-    return resolve_dtype(str(defaults["dtype"]), device)
+    """The dtype a user's run synthesises in (``dtype = auto``: bf16 on GPUs with it, else float16; float32 on CPU)."""
+    return generation_dtype(str(defaults["dtype"]), device)
 
 
 # --------------------------------------------------------------------------------------- synthesis
@@ -67,8 +67,9 @@ def project_pipeline(parts: DiffusionParts, *, device: torch.device, dtype: torc
 
 
 def project_batch_size(pipe: StableDiffusionPipeline, defaults: dict[str, Any]) -> int:
-    """How many images one pipeline call of a user's run generates (today: ``generation-batch-size``)."""
-    return int(defaults["generation-batch-size"])
+    """How many images one pipeline call of a user's run generates (``generation-batch-size``; 0: from free
+    GPU memory)."""
+    return int(defaults["generation-batch-size"]) or auto_batch_size(pipe, int(defaults["image-resolution"]))
 
 
 def project_generate(pipe: StableDiffusionPipeline, *, prompts: Sequence[str], out_dir: Path,

@@ -20,14 +20,14 @@ import torch
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_clip_text_encoder
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import Upload
 from oscar_server.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis_jobs import UploadRow, prompt_class_name
 
 log = logging.getLogger(__name__)
 
 
-def decode_prompts(rows: list[UploadRow], payloads: list[ClientPayload], cfg: OscarConfig, prompts_path: Path,
+def decode_prompts(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig, prompts_path: Path,
                    device: torch.device) -> list[dict[str, Any]]:
     """One record per row, aligned with ``rows``: ``client``, ``class_id``, ``class_name``, ``prototype``,
     ``decoded`` (the inverted text), ``cosine`` (of its re-encoding to the mean) and ``prompt`` (what
@@ -53,9 +53,9 @@ def decode_prompts(rows: list[UploadRow], payloads: list[ClientPayload], cfg: Os
     return records
 
 
-def _invert(rows: list[UploadRow], payloads: list[ClientPayload], cfg: OscarConfig,
+def _invert(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig,
             device: torch.device) -> list[InvertedPrompt]:
-    means = {p.client_name: torch.from_numpy(p.means) for p in payloads}
+    means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
     targets = torch.stack([means[row.client][row.row] for row in rows])
     # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
     tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)

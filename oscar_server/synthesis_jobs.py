@@ -17,11 +17,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from oscar_common.files import safe_filename
-from oscar_common.wire import ClientPayload
+
+if TYPE_CHECKING:  # the wire module needs Flower; planning jobs does not (e.g. oscar-bench's GPU box)
+    from oscar_common.wire import Upload
 
 
 def image_seed(base_seed: int, client: str, class_id: int, index: int) -> int:
@@ -46,7 +49,7 @@ class UploadRow:
     row: int  # index into the upload's ``means``
 
 
-def upload_rows(payloads: Iterable[ClientPayload]) -> list[UploadRow]:
+def upload_rows(payloads: Iterable["Upload"]) -> list[UploadRow]:
     """Every conditioning row of the uploads, ordered by (client name, class id, prototype)."""
     rows = []
     for payload in sorted(payloads, key=lambda p: p.client_name):

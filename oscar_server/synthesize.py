@@ -132,7 +132,7 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
             prompts = decode_prompts(rows, payloads, cfg, run_dir.prompts_path, device)
         conditioning: list[str] | torch.Tensor = [record["prompt"] for record in prompts]
     else:
-        means = {p.client_name: torch.from_numpy(p.means) for p in payloads}
+        means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
         conditioning = torch.stack([means[row.client][row.row] for row in rows])
 
     # 4. The images still missing, shared out among the processes.

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from oscar_common.models import load_diffusion_pipeline
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import Upload
 from oscar_demo.tiny import save_tiny_stable_diffusion
 from oscar_server import generation
 from oscar_server.generation import generate_images as _generate_images
@@ -168,17 +168,15 @@ def test_realistic_job_list_has_unique_seeds_and_paths():
     assert image_seed(1, "3", 17, 4) != GOLDEN_SEED
 
 
-def _payload(name: str, class_ids: list[int], rows: int | None = None) -> ClientPayload:
-    means = np.zeros((len(class_ids), 4), dtype=np.float32)
-    means[:, 0] = np.arange(len(class_ids))  # row number, to see which row conditions which image
-    return ClientPayload(class_ids=np.array(class_ids), counts=np.ones(len(class_ids), dtype=np.int64),
-                         means=means, scheme="pooled", encoder_id="e", client_name=name)
+def _payload(name: str, class_ids: list[int]) -> Upload:
+    return Upload(class_ids=np.array(class_ids), means=np.zeros((len(class_ids), 4), dtype=np.float32),
+                  scheme="pooled", encoder_id="e", client_name=name, prototypes_per_class=3)
 
 
 def test_upload_rows_follow_client_name_and_class_id_not_arrival_order():
-    a, b = _payload("zeta", [2, 0]), _payload("alpha", [1, 2])
+    a, b = _payload("zeta", [0, 2]), _payload("alpha", [1, 2])
     expected = [UploadRow("alpha", 1, 0, 0), UploadRow("alpha", 2, 0, 1),
-                UploadRow("zeta", 0, 0, 1), UploadRow("zeta", 2, 0, 0)]
+                UploadRow("zeta", 0, 0, 0), UploadRow("zeta", 2, 0, 1)]
     assert upload_rows([a, b]) == upload_rows([b, a]) == expected
 
 

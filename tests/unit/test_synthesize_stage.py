@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from oscar_common.config import OscarConfig
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import Upload
 from oscar_server import stage_launcher
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stage_launcher import StageFailed, launch_command, run_stage
@@ -37,19 +37,19 @@ def stage_config(root: Path, **overrides) -> OscarConfig:
         "run-dir": str(root.parent), "run-name": root.name, **overrides})
 
 
-def payloads(scheme: str = "pooled") -> list[ClientPayload]:
+def payloads(scheme: str = "pooled") -> list[Upload]:
     rng = np.random.default_rng(0)
     shape = (512,) if scheme == "pooled" else (77, 32)  # CLIP projection / tiny SD text encoder states
     specs = {"beta": [0, 2], "alpha": [0, 1, 1]}  # alpha has two prototypes (means) of class 1
     out = []
     for name, class_ids in specs.items():
         means = rng.standard_normal((len(class_ids), *shape)).astype(np.float32)
-        out.append(ClientPayload(class_ids=np.array(class_ids), counts=np.full(len(class_ids), 3),
-                                 means=means, scheme=scheme, encoder_id="tiny", client_name=name))
+        out.append(Upload(class_ids=np.array(class_ids), means=means, scheme=scheme, encoder_id="tiny",
+                          client_name=name, prototypes_per_class=2))
     return out
 
 
-def make_run(root: Path, cfg: OscarConfig, uploads: list[ClientPayload]) -> RunDirectory:
+def make_run(root: Path, cfg: OscarConfig, uploads: list[Upload]) -> RunDirectory:
     """A run dir as the ServerApp leaves it after the upload round, uploads arriving in the given order."""
     root.mkdir(parents=True)
     run_dir = RunDirectory(root)
