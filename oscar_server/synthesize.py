@@ -24,6 +24,7 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, upload_rows
 log = logging.getLogger("oscar.synthesis")
 
 STAGE = "synthesis"
+BARRIER_TIMEOUT = timedelta(hours=3)
 FRESH_HINT = "oscar-synthesize RUN_DIR --fresh"
 
 
@@ -111,7 +113,9 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
     started = time.monotonic()
     # 1. Processes and devices: one per GPU under a launcher, else the configured device.
     device = resolve_device(cfg.device)
-    state = PartialState(cpu=device.type == "cpu")
+    # The processes wait for each other: for the main process's prompt inversion (minutes at DomainNet
+    # scale), then for the slowest share. NCCL's default 10-minute timeout would cut that short.
+    state = PartialState(cpu=device.type == "cpu", timeout=BARRIER_TIMEOUT)
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # this process's GPU
     configure_cuda(tf32=cfg.tf32)
