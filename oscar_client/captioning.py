@@ -1,5 +1,8 @@
 """Images on disk -> captions, streamed: DataLoader workers decode while the captioner generates.
 
+:func:`caption_files` is the whole stage as a client runs it: captions already in the caption cache are
+taken from it, the rest are generated batch by batch and stored as they come.
+
 Each worker opens an image, converts it to RGB and runs the captioner's image processor (resize to the
 model's input size and normalise), so decoding and resizing overlap with ``generate`` on the main process,
 and memory holds a few batches whatever the size of the data set: at most ``batch_size * num_workers *
@@ -17,13 +20,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from oscar_client.caption_cache import CaptionCache, file_digests
+from oscar_common.devices import free_device_memory
+from oscar_common.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ CPU_BATCH_SIZE = 8  # batch_size 0 on a CPU: generate is compute-bound there, la
 MAX_AUTO_BATCH_SIZE = 64  # batch_size 0 on CUDA: the cap of what free memory allows (see README's benchmark)
 AUTO_MEMORY_FRACTION = 0.5  # share of free GPU memory an automatic batch may plan to use
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
+_NAMED_UNREADABLE = 10  # how many unreadable files the summary line names
 
 
 def caption_settings(captioner_id: str, *, revision: str, dtype: torch.dtype, max_new_tokens: int) -> dict[str, Any]:
@@ -152,6 +161,95 @@ def caption_batches(paths: Sequence[str | os.PathLike[str]], captioner: Captione
         captions = [] if batch.pixel_values is None else captioner.generate(batch.pixel_values,
                                                                            max_new_tokens=max_new_tokens)
         yield CaptionedBatch(batch.indices, captions, batch.unreadable)
+
+
+@dataclass
+class CaptionRun:
+    captions: list[str | None]  # one per path; None where the image could not be read
+    unreadable: dict[int, str]  # position -> reason
+    captioned: int  # generated in this run
+    cached: int  # taken from the cache
+    batch_size: int | None = None  # as resolved, when anything was generated
+    num_workers: int | None = None
+
+
+def caption_files(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    settings: dict[str, Any],
+    load: Callable[[], Captioner],
+    cache: CaptionCache | None,
+    batch_size: int,
+    num_workers: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> CaptionRun:
+    """Caption every image file, reusing ``cache`` (keyed by ``settings``, see :func:`caption_settings`).
+
+    ``load`` is called only when something is left to caption (a second run does not even load the
+    model), and the captioner is dropped before returning. Unreadable images are skipped and named in
+    the log, and remembered by the cache so that a later run skips them without loading the captioner.
+    """
+    # 1. What the cache knows: captions, and images that could not be decoded
+    captions: list[str | None] = [None] * len(paths)
+    digests: list[str | None] = [None] * len(paths)
+    known_unreadable: list[str | None] = [None] * len(paths)
+    if cache is not None:
+        digests = file_digests(paths, threads=min(8, os.cpu_count() or 1))
+        captions = cache.lookup(settings, digests)
+        known_unreadable = cache.lookup_unreadable(digests)
+    cached = sum(c is not None for c in captions)
+    unreadable: dict[int, str] = {}
+    todo: list[int] = []
+    for i, caption in enumerate(captions):
+        if caption is not None:
+            continue
+        if cache is not None and digests[i] is None:
+            unreadable[i] = "the file cannot be opened or read"
+        elif known_unreadable[i] is not None:
+            unreadable[i] = f"{known_unreadable[i]} (known to the caption cache)"
+        else:
+            todo.append(i)
+
+    # 2. Caption the rest, streamed, storing each batch as it comes
+    run = CaptionRun(captions, unreadable, captioned=0, cached=cached)
+    if todo:
+        captioner = load()
+        run.batch_size = resolve_batch_size(batch_size, captioner, max_new_tokens=max_new_tokens)
+        run.num_workers = resolve_num_workers(num_workers, device)
+        log.info("captioning %d images (batch %d, %d decoding workers; %d from the cache)", len(todo),
+                 run.batch_size, run.num_workers, cached)
+        started = time.perf_counter()
+        with progress(total=len(todo), desc="captioning", unit="img", logger=log) as bar:
+            for out in caption_batches([paths[i] for i in todo], captioner, batch_size=run.batch_size,
+                                       num_workers=run.num_workers, max_new_tokens=max_new_tokens):
+                done = [todo[j] for j in out.indices]
+                for i, text in zip(done, out.captions):
+                    captions[i] = text
+                failed = {todo[j]: reason for j, reason in out.unreadable}
+                unreadable.update(failed)
+                if cache is not None:
+                    cache.store(settings, [(digests[i], captions[i]) for i in done if digests[i] is not None])
+                    cache.store_unreadable([(digests[i], r) for i, r in failed.items() if digests[i] is not None])
+                run.captioned += len(done)
+                bar.update(len(out.indices) + len(out.unreadable))
+        seconds = time.perf_counter() - started
+        del captioner
+        free_device_memory(device)
+        log.info("captioned %d images in %.1f s (%.2f img/s)", run.captioned, seconds,
+                 run.captioned / max(seconds, 1e-9))
+
+    # 3. Say what happened
+    log.info("captioned %d, reused %d from the cache%s", run.captioned, cached,
+             "" if cache is not None else " (caption cache off)")
+    if unreadable:
+        for i in sorted(unreadable):
+            log.warning("skipped unreadable image %s: %s", paths[i], unreadable[i])
+        names = ", ".join(str(paths[i]) for i in sorted(unreadable)[:_NAMED_UNREADABLE])
+        more = len(unreadable) - _NAMED_UNREADABLE
+        log.warning("skipped %d unreadable image(s) of %d: %s%s", len(unreadable), len(paths), names,
+                    f" and {more} more" if more > 0 else "")
+    return run
 
 
 # ---------------------------------------------------------------------- sizes

@@ -15,9 +15,7 @@ a time: the captioner, then the text encoder (captioning dominates the time; tex
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from oscar_client.caption_cache import CaptionCache, file_digests
-from oscar_client.captioning import (
-    AUTO,
-    Captioner,
-    caption_batches,
-    caption_settings,
-    resolve_batch_size,
-    resolve_num_workers,
-)
+from oscar_client.caption_cache import CaptionCache
+from oscar_client.captioning import AUTO, Captioner, caption_files, caption_settings
 from oscar_client.class_accumulator import ClassAccumulator, class_means
 from oscar_common.choices import SCHEMES
 from oscar_common.data import Sample
+from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
 from oscar_common.models import (
     checkpoint_revision,
@@ -58,7 +50,6 @@ TOKENS_LENGTH = 77  # CLIP's context length: every SD 1.x / 2.x text encoder's, 
 # 77 x 768 x 4 = 231 KiB for SD 1.x tokens (about 18k images fit). Beyond this, encode_client refuses
 # before any work starts rather than running out of memory after hours of captioning.
 KEEP_EMBEDDINGS_MAX_BYTES = 4 * 2**30
-_NAMED_UNREADABLE = 10  # how many unreadable files the summary line names
 
 
 @dataclass(frozen=True)
@@ -143,69 +134,18 @@ def encode_client(
     log.info("encoding %d images of %d classes (scheme %s, captioner %s, encoder %s, %s)", len(samples),
              len(np.unique(labels)), scheme, captioner_id, encoder_id, device)
 
-    # 2. Captions already in the cache (and images it knows to be unreadable)
+    # 2. Captions: from the cache where it has them, generated (streamed) for the rest
     settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id, cache_dir), dtype=dtype,
                                 max_new_tokens=max_new_tokens)
-    captions: list[str | None] = [None] * len(samples)
-    digests: list[str | None] = [None] * len(samples)
-    known_unreadable: list[str | None] = [None] * len(samples)
-    if cache is not None:
-        digests = file_digests([s.path for s in samples], threads=min(8, os.cpu_count() or 1))
-        captions = cache.lookup(settings, digests)
-        known_unreadable = cache.lookup_unreadable(digests)
-    cached = sum(c is not None for c in captions)
-    unreadable: dict[int, str] = {}
-    todo: list[int] = []
-    for i, caption in enumerate(captions):
-        if caption is not None:
-            continue
-        if cache is not None and digests[i] is None:
-            unreadable[i] = "the file cannot be opened or read"
-        elif known_unreadable[i] is not None:
-            unreadable[i] = f"{known_unreadable[i]} (known to the caption cache)"
-        else:
-            todo.append(i)
-
-    # 3. Caption the rest, streamed
-    if todo:
-        captioner = Captioner(*load_captioner(captioner_id, device, dtype, cache_dir=cache_dir))
-        batch = resolve_batch_size(batch_size, captioner, max_new_tokens=max_new_tokens)
-        workers = resolve_num_workers(num_workers, device)
-        log.info("captioning %d images (batch %d, %d decoding workers; %d from the cache)", len(todo), batch,
-                 workers, cached)
-        started = time.perf_counter()
-        with progress(total=len(todo), desc="captioning", unit="img", logger=log) as bar:
-            for out in caption_batches([samples[i].path for i in todo], captioner, batch_size=batch,
-                                       num_workers=workers, max_new_tokens=max_new_tokens):
-                done = [todo[j] for j in out.indices]
-                for i, text in zip(done, out.captions):
-                    captions[i] = text
-                failed = {todo[j]: reason for j, reason in out.unreadable}
-                unreadable.update(failed)
-                if cache is not None:
-                    cache.store(settings, [(digests[i], captions[i]) for i in done if digests[i] is not None])
-                    cache.store_unreadable([(digests[i], r) for i, r in failed.items() if digests[i] is not None])
-                bar.update(len(out.indices) + len(out.unreadable))
-        seconds = time.perf_counter() - started
-        del captioner
-        _free_memory(device)
-        generated = sum(captions[i] is not None for i in todo)
-        log.info("captioned %d images in %.1f s (%.2f img/s)", generated, seconds, generated / max(seconds, 1e-9))
-    captioned = sum(captions[i] is not None for i in todo)
-    log.info("captioned %d, reused %d from the cache%s", captioned, cached,
-             "" if cache is not None else " (caption cache off)")
-    if unreadable:
-        for i in sorted(unreadable):
-            log.warning("skipped unreadable image %s: %s", samples[i].path, unreadable[i])
-        names = ", ".join(str(samples[i].path) for i in sorted(unreadable)[:_NAMED_UNREADABLE])
-        more = len(unreadable) - _NAMED_UNREADABLE
-        log.warning("skipped %d unreadable image(s) of %d: %s%s", len(unreadable), len(samples), names,
-                    f" and {more} more" if more > 0 else "")
+    run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
+                        num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
+                        load=lambda: Captioner(*load_captioner(captioner_id, device, dtype, cache_dir=cache_dir)))
+    captions = run.captions
     readable = [i for i, c in enumerate(captions) if c is not None]
     if not readable:
         raise ValueError(f"none of the {len(samples)} training images could be read")
 
-    # 4. Encode the captions (in input order, fixed batches) into running per-class sums
+    # 3. Encode the captions (in input order, fixed batches) into running per-class sums
     started = time.perf_counter()
     if scheme == "pooled":
         tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
@@ -220,7 +160,7 @@ def encode_client(
         embeddings = encode([captions[i] for i in chunk], tokenizer, text_model, batch_size=TEXT_BATCH_SIZE)
         sums.add(embeddings.numpy(), labels[chunk])
     del tokenizer, text_model
-    _free_memory(device)
+    free_device_memory(device)
 
     class_ids = sums.class_ids
     log.info("encoded %d captions into sums of %d classes, shape %s, in %.1f s", len(readable), len(class_ids),
@@ -231,9 +171,9 @@ def encode_client(
         counts=sums.counts,
         sums=sums.sums(),
         captions=[Caption(samples[i], captions[i]) for i in readable],
-        unreadable=[samples[i] for i in sorted(unreadable)],
-        captioned=captioned,
-        cached=cached,
+        unreadable=[samples[i] for i in sorted(run.unreadable)],
+        captioned=run.captioned,
+        cached=run.cached,
         caption_settings=settings,
         embeddings=kept,
         labels=kept_labels,
@@ -248,9 +188,3 @@ def _check_keep_budget(images: int, scheme: str, encoder_id: str, cache_dir: str
             f"keeping the per-image embeddings of {images} images under scheme {scheme!r} needs "
             f"{images * per_image / 2**30:.1f} GiB (limit {KEEP_EMBEDDINGS_MAX_BYTES / 2**30:.0f} GiB): "
             "turn off what needs them (prototypes, preview) or use fewer images")
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

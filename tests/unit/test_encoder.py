@@ -257,7 +257,7 @@ def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch
         first = _encode(samples, cache=cache, cache_dir=tiny_hub)
     assert first.captioned == 7 and first.cached == 0 and calls == {"generate": 2, "load": 1}
 
-    with caplog.at_level(logging.INFO, logger="oscar_client.encoder"), CaptionCache.open(out) as cache:
+    with caplog.at_level(logging.INFO, logger="oscar_client.captioning"), CaptionCache.open(out) as cache:
         second = _encode(samples, cache=cache, cache_dir=tiny_hub)
     assert calls == {"generate": 2, "load": 1}  # nothing generated, the captioner not even loaded
     assert second.captioned == 0 and second.cached == 7
