@@ -10,7 +10,7 @@ A caption is stored under two keys:
   data set, ``cp -r`` without ``-p``, a new mount point, a split file naming the same images by another
   path) and it cannot be fooled by a file rewritten within the mtime resolution. Its cost is reading every
   file once per run, which the second run then pays instead of captioning (reading is cheap next to a
-  BLIP forward: see README's client benchmark).
+  BLIP forward: 1,280 images hashed and looked up in 0.13 s on the H200 machine, against 4-7 s to caption them).
 
 Storage is one SQLite file (the standard library's ``sqlite3``): every batch of new captions is committed
 in one transaction (WAL journal), so a crash loses at most the batch in flight and never leaves a

@@ -3,17 +3,20 @@
 :func:`caption_files` is the whole stage as a client runs it: captions already in the caption cache are
 taken from it, the rest are generated batch by batch and stored as they come.
 
-Each worker opens an image, converts it to RGB and runs the captioner's image processor (resize to the
-model's input size and normalise), so decoding and resizing overlap with ``generate`` on the main process,
-and memory holds a few batches whatever the size of the data set: at most ``batch_size * num_workers *
-prefetch_factor`` (2) images wait in the loader's queue next to the batch being captioned. An image that
-cannot be read or decoded is skipped with its reason, never a crash.
+Each worker opens an image, converts it to RGB and runs the captioner's image processor up to the resize,
+so decoding and resizing overlap with ``generate`` on the main process, and memory holds a few batches
+whatever the size of the data set: at most ``batch_size * num_workers * prefetch_factor`` (2) images wait
+in the loader's queue next to the batch being captioned. The processor's last, per-pixel steps (rescale to
+[0, 1] and normalise with its mean and std) run on the model's device instead: the workers then hand over
+uint8 images, a quarter of float32's bytes through shared memory and the host-to-device copy
+(measured on an H200, batch 64, 4 workers: the first batch arrived in 0.43 s instead of 1.66 s).
+An image that cannot be read or decoded is skipped with its reason, never a crash.
 
 Captioners: BLIP (unconditional, as the paper) and BLIP-2 (what the official OSCAR code runs). BLIP-2's
 language model sees the image through ``num_query_tokens`` ``<image>`` placeholder tokens followed by a
-text prompt; we give it the empty prompt, as LAVIS' BLIP-2 captioning does (its FlanT5 encoder then sees
-the query outputs and ``</s>``). Decoding follows the checkpoint's own generation config (greedy for
-BLIP-base) with ``max_new_tokens`` on top.
+text prompt; we give it the empty prompt, LAVIS' ``Blip2T5`` default (its FlanT5 encoder then sees the
+query outputs and ``</s>``). The official OSCAR code samples (nucleus); we decode as the checkpoint's
+generation config says (greedy for BLIP-base), with ``max_new_tokens`` on top.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ log = logging.getLogger(__name__)
 PROMPT = ""  # BLIP-2's text prompt (BLIP captions unconditionally)
 AUTO = -1  # num_workers: choose for the device
 CPU_BATCH_SIZE = 8  # batch_size 0 on a CPU: generate is compute-bound there, larger batches gain little
-MAX_AUTO_BATCH_SIZE = 64  # batch_size 0 on CUDA: the cap of what free memory allows (see README's benchmark)
+# batch_size 0 on CUDA: the cap of what free memory allows. BLIP-base's generate is bound by kernel launches
+# at these sizes (measured on an H200, fp16: bare generate 131-220 img/s at batch 64, 305-361 at 128), and
+# 4 workers still feed 128 (oscar_bench.client); larger batches hold more images in host memory.
+MAX_AUTO_BATCH_SIZE = 128
 AUTO_MEMORY_FRACTION = 0.5  # share of free GPU memory an automatic batch may plan to use
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
 _NAMED_UNREADABLE = 10  # how many unreadable files the summary line names
@@ -73,10 +79,24 @@ class Captioner:
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, *, max_new_tokens: int) -> list[str]:
-        pixel_values = pixel_values.to(self.model.device, self.model.dtype, non_blocking=True)
+        """Captions of resized images ``[B, 3, H, W]`` as :class:`CaptionInputs` gives them (uint8)."""
+        pixel_values = self.normalize(pixel_values.to(self.model.device))
         prompt = {name: ids.to(self.model.device).expand(len(pixel_values), -1) for name, ids in self.prompt.items()}
         output_ids = self.model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=max_new_tokens)
         return [text.strip() for text in self.processor.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The image processor's rescale and normalise steps, on the images' device, in the model's dtype."""
+        processor = self.image_processor
+        pixels = images.float()
+        if processor.do_rescale:
+            pixels = pixels * processor.rescale_factor
+        if processor.do_normalize:
+            mean = torch.tensor(processor.image_mean, device=pixels.device).view(1, -1, 1, 1)
+            std = torch.tensor(processor.image_std, device=pixels.device).view(1, -1, 1, 1)
+            pixels = (pixels - mean) / std
+        return pixels.to(self.model.dtype)
 
 
 def _prompt_inputs(processor: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,17 +119,15 @@ def _prompt_inputs(processor: Any, model: torch.nn.Module) -> dict[str, torch.Te
 @dataclass
 class InputBatch:
     indices: list[int]  # positions (in the paths given) of the images in pixel_values
-    pixel_values: torch.Tensor | None  # [B, 3, H, W] float32, None when no image of the batch was readable
+    pixel_values: torch.Tensor | None  # [B, 3, H, W] uint8 (resized), None when no image of the batch was readable
     unreadable: list[tuple[int, str]]  # (position, reason)
-
-    def pin_memory(self) -> "InputBatch":  # called by the DataLoader's pinning thread (pin_memory=True)
-        if self.pixel_values is not None:
-            self.pixel_values = self.pixel_values.pin_memory()
-        return self
 
 
 class CaptionInputs(Dataset):
-    """Item ``i``: ``(i, pixel_values [3, H, W] or None, reason or None)`` for ``paths[i]``."""
+    """Item ``i``: ``(i, resized image [3, H, W] uint8 or None, reason or None)`` for ``paths[i]``.
+
+    The image processor runs with rescale and normalise off; :meth:`Captioner.normalize` does them.
+    """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], image_processor: Any) -> None:
         self.paths = [Path(p) for p in paths]
@@ -122,7 +140,8 @@ class CaptionInputs(Dataset):
         try:
             with Image.open(self.paths[index]) as image:
                 rgb = image.convert("RGB")  # convert() forces the full decode: a truncated file fails here
-            pixel_values = self.image_processor(images=rgb, return_tensors="pt").pixel_values[0]
+            pixel_values = self.image_processor(images=rgb, do_rescale=False, do_normalize=False,
+                                                return_tensors="pt").pixel_values[0]
         except UNREADABLE as exc:
             return index, None, f"{type(exc).__name__}: {exc}"
         return index, pixel_values, None
@@ -138,10 +157,14 @@ def collate_inputs(items: list[tuple[int, torch.Tensor | None, str | None]]) -> 
 
 
 def input_loader(paths: Sequence[str | os.PathLike[str]], image_processor: Any, *, batch_size: int,
-                 num_workers: int, pin_memory: bool) -> DataLoader:
-    """Batches of processed images in input order (``num_workers`` 0: decoded on the calling thread)."""
+                 num_workers: int) -> DataLoader:
+    """Batches of resized images in input order (``num_workers`` 0: decoded on the calling thread).
+
+    No pinned memory: on an H200 pinning (an extra copy in a thread of the main process, next to a
+    launch-bound generate) made steady captioning slower, 257-270 img/s against 284-337 without.
+    """
     return DataLoader(CaptionInputs(paths, image_processor), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=collate_inputs, pin_memory=pin_memory)
+                      num_workers=num_workers, collate_fn=collate_inputs)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -155,8 +178,7 @@ class CaptionedBatch:
 def caption_batches(paths: Sequence[str | os.PathLike[str]], captioner: Captioner, *, batch_size: int,
                     num_workers: int, max_new_tokens: int) -> Iterator[CaptionedBatch]:
     """Caption ``paths`` in order, one batch at a time (``batch_size`` and ``num_workers`` already resolved)."""
-    loader = input_loader(paths, captioner.image_processor, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=captioner.device.type == "cuda")
+    loader = input_loader(paths, captioner.image_processor, batch_size=batch_size, num_workers=num_workers)
     for batch in loader:
         captions = [] if batch.pixel_values is None else captioner.generate(batch.pixel_values,
                                                                            max_new_tokens=max_new_tokens)
@@ -293,7 +315,7 @@ def resolve_num_workers(num_workers: int, device: torch.device) -> int:
     """``num_workers`` >= 0 as given; :data:`AUTO` (-1): up to 4 on CUDA, 1 on a CPU, always leaving one core.
 
     Decoding and resizing a 500x375 JPEG costs about 5 ms of one core; a GPU captions BLIP-base at over a
-    hundred images a second, a CPU at about one (README's client benchmark), hence the difference.
+    hundred images a second, a 2-core CPU at well under one (oscar_bench.client), hence the difference.
     """
     if num_workers >= 0:
         return num_workers

@@ -304,3 +304,15 @@ def test_blip2_captions_a_client(tiny_hub: Path, tmp_path: Path) -> None:
     assert encoded.caption_settings["captioner"] == BLIP2_ID
     assert all(c.text and "<image>" not in c.text for c in encoded.captions)
     assert len({c.text for c in encoded.captions}) > 1 and np.isfinite(encoded.means).all()
+
+
+def test_workers_hand_over_uint8_and_the_device_finishes_the_processor(tiny_hub: Path, tmp_path: Path) -> None:
+    from oscar_common.models import load_captioner
+
+    samples = _digit_folder(tmp_path, {1: 2})
+    captioner = Captioner(*load_captioner(CAPTIONER_ID, CPU, F32, cache_dir=tiny_hub))
+    index, resized, reason = CaptionInputs([s.path for s in samples], captioner.image_processor)[1]
+    assert index == 1 and reason is None and resized.dtype == torch.uint8 and resized.shape == (3, 32, 32)
+    with Image.open(samples[1].path) as image:
+        expected = captioner.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(captioner.normalize(resized[None]), expected, atol=1e-5, rtol=0)

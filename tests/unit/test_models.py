@@ -75,7 +75,8 @@ def test_blip2_captioner_by_hub_id(offline_hub: Path) -> None:
     image_token = model.config.image_token_id
     assert captioner.prompt["input_ids"].tolist() == [[image_token] * 4 + [processor.tokenizer.eos_token_id]]
     images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "navy", "white")]
-    pixels = processor.image_processor(images=images, return_tensors="pt").pixel_values
+    pixels = processor.image_processor(images=images, do_rescale=False, do_normalize=False,
+                                       return_tensors="pt").pixel_values  # as CaptionInputs gives them
     captions = captioner.generate(pixels, max_new_tokens=6)
     assert len(captions) == 3 and all(captions) and len(set(captions)) == 3  # image-dependent captions
     assert not any("<image>" in c or "</s>" in c for c in captions)
