@@ -65,7 +65,7 @@ class EncodedClient:
 
     class_ids: np.ndarray  # int64 [K], sorted
     counts: np.ndarray  # int64 [K]
-    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens)
+    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens), after the accumulator's transform if any
     captions: list[Caption]  # one per readable sample, in input order
     unreadable: list[Sample]  # skipped: could not be read or decoded
     captioned: int  # captions generated in this run
