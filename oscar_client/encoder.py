@@ -40,7 +40,7 @@ from oscar_common.models import (
 )
 from oscar_common.text_encoding import encode_pooled, encode_tokens
 
-__all__ = ["Caption", "ClassAccumulator", "EncodedClient", "class_means", "encode_client"]
+__all__ = ["ClassAccumulator", "EncodedClient", "class_means", "encode_client"]
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +52,23 @@ TOKENS_LENGTH = 77  # CLIP's context length: every SD 1.x / 2.x text encoder's, 
 KEEP_EMBEDDINGS_MAX_BYTES = 4 * 2**30
 
 
-@dataclass(frozen=True)
-class Caption:
-    sample: Sample
-    text: str
-
-
 @dataclass
 class EncodedClient:
     """What one client computed. Row ``i`` of ``sums``/``means`` belongs to class ``class_ids[i]`` (an index
-    into the class names) and sums ``counts[i]`` embeddings; every class with a readable image is present."""
+    into the class names) and sums ``counts[i]`` embeddings; every class with a readable image is present.
+    ``captions``, ``paths``, ``labels`` and ``embeddings`` run over the readable samples, in input order."""
 
     class_ids: np.ndarray  # int64 [K], sorted
     counts: np.ndarray  # int64 [K]
     sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens), after the accumulator's transform if any
-    captions: list[Caption]  # one per readable sample, in input order
+    captions: list[str]  # [N]
+    paths: list[Path]  # [N] the image each caption describes
+    labels: np.ndarray  # int64 [N] class id of each caption
     unreadable: list[Sample]  # skipped: could not be read or decoded
     captioned: int  # captions generated in this run
     cached: int  # captions taken from the caption cache
     caption_settings: dict[str, Any] = field(default_factory=dict)  # what keyed the cache (captioner, revision, ...)
-    embeddings: np.ndarray | None = None  # float32 [N, ...] per readable sample, with keep_embeddings
-    labels: np.ndarray | None = None  # int64 [N] class ids of ``embeddings``
+    embeddings: np.ndarray | None = None  # float32 [N, ...] raw embeddings, with keep_embeddings
 
     @property
     def means(self) -> np.ndarray:
@@ -165,18 +161,18 @@ def encode_client(
     class_ids = sums.class_ids
     log.info("encoded %d captions into sums of %d classes, shape %s, in %.1f s", len(readable), len(class_ids),
              tuple(sums.sums().shape[1:]), time.perf_counter() - started)
-    kept, kept_labels = sums.embeddings() if keep_embeddings else (None, None)
     return EncodedClient(
         class_ids=class_ids,
         counts=sums.counts,
         sums=sums.sums(),
-        captions=[Caption(samples[i], captions[i]) for i in readable],
+        captions=[captions[i] for i in readable],
+        paths=[Path(samples[i].path) for i in readable],
+        labels=labels[readable],
         unreadable=[samples[i] for i in sorted(run.unreadable)],
         captioned=run.captioned,
         cached=run.cached,
         caption_settings=settings,
-        embeddings=kept,
-        labels=kept_labels,
+        embeddings=sums.embeddings()[0] if keep_embeddings else None,
     )
 
 

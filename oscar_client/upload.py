@@ -58,8 +58,7 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
                          "image move several prototypes): the server must use prototypes-per-class = 1")
     cache = None
     if policy.caption_cache:
-        cache = CaptionCache.open(node.output_dir / "caption-cache", instruction.captioner,
-                                  {"max_new_tokens": instruction.caption_max_tokens})
+        cache = CaptionCache.open(node.output_dir / "caption-cache")  # encode_client keys it by its settings
     encoded = encode_client(
         train, class_names, scheme=instruction.scheme, captioner_id=instruction.captioner,
         encoder_id=instruction.encoder_id, device=device, dtype=dtype, batch_size=instruction.caption_batch_size,
