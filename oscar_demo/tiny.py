@@ -201,7 +201,8 @@ def save_tiny_blip2(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
     image_processor = BlipImageProcessor(size={"height": BLIP_IMAGE_SIZE, "width": BLIP_IMAGE_SIZE})
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 initializer_range=0.2)
     config = Blip2Config(
         vision_config=dict(**small, image_size=BLIP_IMAGE_SIZE, patch_size=8),
         qformer_config=dict(**small, vocab_size=64, encoder_hidden_size=32, max_position_embeddings=64),
