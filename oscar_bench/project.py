@@ -25,7 +25,7 @@ from oscar_bench.architectures import DiffusionParts
 from oscar_common.classifier import build_classifier, train_classifier, train_transform
 from oscar_common.data import ImageListDataset
 from oscar_server.generation import auto_batch_size, generation_dtype
-from oscar_server.inversion import InvertedPrompt, invert_embeddings
+from oscar_common.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis import generate_images, jobs_for_prompts
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"

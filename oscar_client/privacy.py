@@ -159,22 +159,19 @@ def privatize_class_means(
     return noisy.astype(np.float32), record
 
 
-def keyed_generator(
-    secret_key: bytes, *, class_embeddings: Sequence[np.ndarray], parameters: Mapping[str, object]
-) -> np.random.Generator:
+def keyed_generator(secret_key: bytes, *, data: bytes, parameters: Mapping[str, object]) -> np.random.Generator:
     """A noise generator determined by a client-held secret, the data and the DP parameters.
 
-    The same data under the same parameters get the same noise, so uploading again (a retry, the preview
-    followed by the upload) releases nothing new. Any change to the data or to the parameters gives
-    independent-looking noise: reusing noise across different data or sigmas would let the server cancel it.
+    ``data`` identifies the released data exactly (the client passes a digest of its captions per class:
+    captions reproduce bit for bit, float embeddings may not across processes). The same data under the
+    same parameters get the same noise, so uploading again (a retry, the preview followed by the upload)
+    releases nothing new. Any change to the data or to the parameters gives independent-looking noise:
+    reusing noise across different data or sigmas would let the server cancel it.
     """
     if len(secret_key) < 16:
         raise ValueError("secret_key must hold at least 16 random bytes (e.g. secrets.token_bytes(32))")
     digest = hashlib.blake2b(key=secret_key[:64], digest_size=32)
-    for array in class_embeddings:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        digest.update(repr(array.shape).encode())
-        digest.update(array.tobytes())
+    digest.update(data)
     digest.update(repr(sorted(parameters.items())).encode())
     return np.random.default_rng(int.from_bytes(digest.digest(), "little"))
 

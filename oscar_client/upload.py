@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import secrets
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ log = logging.getLogger("oscar.client")
 class PreparedUpload:
     upload: Upload
     encoded: EncodedClient
-    digest: str  # of exactly what goes on the wire: a preview approves this value
+    digest: str  # of the data and settings this upload releases: a preview approves this value
     local_summary: dict[str, Any]  # what stays on the client
 
 
@@ -56,16 +57,15 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
     if epsilon > 0 and prototypes > 1:
         raise ValueError("differential privacy cannot be combined with prototypes-per-class > 1 (k-means makes one "
                          "image move several prototypes): the server must use prototypes-per-class = 1")
-    cache = None
-    if policy.caption_cache:
-        cache = CaptionCache.open(node.output_dir / "caption-cache")  # encode_client keys it by its settings
-    encoded = encode_client(
-        train, class_names, scheme=instruction.scheme, captioner_id=instruction.captioner,
-        encoder_id=instruction.encoder_id, device=device, dtype=dtype, batch_size=instruction.caption_batch_size,
-        max_new_tokens=instruction.caption_max_tokens, num_workers=policy.loader_workers, cache=cache,
-        keep_embeddings=keep_embeddings or epsilon > 0 or prototypes > 1,
-    )
-    if encoded.captioned + encoded.cached == 0:
+    # encode_client keys the cache by the captioner's settings; it lives in the client's output dir
+    with CaptionCache.open(node.output_dir / "caption-cache") if policy.caption_cache else nullcontext() as cache:
+        encoded = encode_client(
+            train, class_names, scheme=instruction.scheme, captioner_id=instruction.captioner,
+            encoder_id=instruction.encoder_id, device=device, dtype=dtype, batch_size=instruction.caption_batch_size,
+            max_new_tokens=instruction.caption_max_tokens, num_workers=policy.loader_workers, cache=cache,
+            keep_embeddings=keep_embeddings or epsilon > 0 or prototypes > 1,
+        )
+    if not encoded.captions:
         raise ValueError(f"client {node.name}: no readable training images under {node.data_dir}")
 
     by_class = {int(c): n for c, n in zip(encoded.class_ids, encoded.counts)}
@@ -74,7 +74,8 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
     if not kept:
         raise ValueError(f"client {node.name}: no class has {min_images} training images "
                          f"(min-images-per-class); largest has {max(by_class.values(), default=0)}")
-    class_ids, means, counts, dp = _rows(encoded, kept, instruction, policy, node, min_images, epsilon)
+    data = caption_digest(encoded, kept)
+    class_ids, means, counts, dp = _rows(encoded, kept, instruction, policy, node, min_images, epsilon, data)
 
     shares = policy.shares_counts(instruction)
     upload = Upload(
@@ -97,7 +98,7 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
         "shared_counts": shares,
         "differential_privacy": None if dp is None else dict(dp.__dict__),
         "prototypes_per_class": prototypes,
-        "upload_digest": upload_digest(upload),
+        "upload_digest": approval_digest(instruction, policy, data),
     }
     if dropped:
         log.info("client %s: %d classes have fewer than %d images and stay here: %s", node.name, len(dropped),
@@ -109,7 +110,7 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
 
 
 def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction, policy: ClientPolicy,
-          node: NodeSettings, min_images: int, epsilon: float
+          node: NodeSettings, min_images: int, epsilon: float, data: bytes
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, DpRecord | None]:
     """(class_ids, means, counts, dp) of the kept classes: one mean per class, or k prototypes, or DP means."""
     index = {int(c): i for i, c in enumerate(encoded.class_ids)}
@@ -123,7 +124,7 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
         key = _noise_key(node.output_dir)
         parameters = {"epsilon": epsilon, "delta": policy.dp_delta, "clip_norm": policy.dp_clip_norm,
                       "min_images": min_images, "scheme": instruction.scheme, "encoder": instruction.encoder_id}
-        rng = keyed_generator(key, class_embeddings=[per_class[c] for c in kept], parameters=parameters)
+        rng = keyed_generator(key, data=data, parameters=parameters)
         means, record = privatize_class_means([per_class[c] for c in kept], epsilon=epsilon, delta=policy.dp_delta,
                                               clip_norm=policy.dp_clip_norm, min_images=min_images, rng=rng,
                                               center=center)
@@ -165,13 +166,29 @@ def _noise_key(output_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def upload_digest(upload: Upload) -> str:
-    """sha256 of what goes on the wire (arrays and metadata)."""
-    digest = hashlib.sha256(json.dumps(upload.meta(), sort_keys=True).encode())
-    for name, array in sorted(upload.arrays().items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+def caption_digest(encoded: EncodedClient, kept: list[int]) -> bytes:
+    """The released data, identified by its captions per kept class (in input order).
+
+    Captions reproduce exactly (they come from the caption cache, or from deterministic greedy decoding),
+    where float embeddings can differ in their last bits between processes: a preview and the upload that
+    follows it must agree on this digest, and DP noise is keyed on it.
+    """
+    digest = hashlib.sha256()
+    for class_id in kept:
+        digest.update(f"\x00class {class_id}\x00".encode())
+        for caption, label in zip(encoded.captions, encoded.labels):
+            if label == class_id:
+                digest.update(caption.encode() + b"\x00")
+    return digest.digest()
+
+
+def approval_digest(instruction: TrainInstruction, policy: ClientPolicy, data: bytes) -> str:
+    """What a preview approves: this data, under these server and client settings."""
+    settings = {key: value for key, value in instruction.to_record().items()}
+    settings["client"] = {"min-images": policy.min_images(instruction), "epsilon": policy.epsilon(instruction),
+                          "delta": policy.dp_delta, "clip-norm": policy.dp_clip_norm,
+                          "share-counts": policy.shares_counts(instruction)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + data).hexdigest()
 
 
 def write_local_summary(node: NodeSettings, prepared: PreparedUpload) -> Path:

@@ -1,7 +1,7 @@
 """The ``pooled`` scheme's prompts: every upload row decoded into text once, kept in ``prompts.json``.
 
 Each row (a client's mean CLIP embedding of one class, or one of its prototypes) is inverted into a hard
-prompt (:mod:`oscar_server.inversion`), then put into the prompt template with the class name in words
+prompt (:mod:`oscar_common.inversion`), then put into the prompt template with the class name in words
 ("aircraft carrier", not the folder name "aircraft_carrier"). The records are the best way for a person
 to see what the server learned about each client, and a resumed stage reuses them as they are: inversion
 on a GPU is not bit-reproducible.
@@ -21,7 +21,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.wire import Upload
-from oscar_server.inversion import InvertedPrompt, invert_embeddings
+from oscar_common.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis_jobs import UploadRow, prompt_class_name
 
 log = logging.getLogger(__name__)

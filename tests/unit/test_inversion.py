@@ -11,7 +11,7 @@ import torch
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.text_encoding import encode_pooled
 from oscar_demo.tiny import save_tiny_clip
-from oscar_server.inversion import (
+from oscar_common.inversion import (
     CPU_CHUNK_SIZE,
     invert_embeddings,
     inversion_chunk_size,

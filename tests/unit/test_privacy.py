@@ -147,18 +147,17 @@ def test_a_seeded_generator_makes_the_release_reproducible():
 
 def test_keyed_generator_repeats_noise_only_for_the_same_key_data_and_parameters():
     key = bytes(range(32))
-    classes = [unit_rows(np.random.default_rng(5), 12, 8)]
+    captions = b"cat: a cat on a mat|a black cat"
 
-    def draw(secret=key, data=classes, parameters=PARAMETERS):
-        return keyed_generator(secret, class_embeddings=data, parameters=parameters).normal(size=4)
+    def draw(secret=key, data=captions, parameters=PARAMETERS):
+        return keyed_generator(secret, data=data, parameters=parameters).normal(size=4)
 
     np.testing.assert_array_equal(draw(), draw())
-    changed = [classes[0].copy()]
-    changed[0][3, 2] += 1e-3
+    changed = captions.replace(b"black", b"white")
     for different in (draw(secret=bytes(32)), draw(data=changed), draw(parameters={**PARAMETERS, "epsilon": 2.0})):
         assert not np.allclose(different, draw())
     with pytest.raises(ValueError, match="at least 16 random bytes"):
-        keyed_generator(b"short", class_embeddings=classes, parameters=PARAMETERS)
+        keyed_generator(b"short", data=captions, parameters=PARAMETERS)
 
 
 # --- bad input --------------------------------------------------------------------------------------
