@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from oscar_common.recipes import RECIPES
+from oscar_common.training import PRECISIONS
 from oscar_common.wire import SCHEMES
 
 SCHEDULERS = ("ddim", "pndm", "default")
@@ -40,12 +42,15 @@ class OscarConfig:
     min_images_per_class: int = 1
     caption_batch_size: int = 16
     caption_max_tokens: int = 30
-    # --- classifier trained on the synthetic set (official code: ImageNet ResNet-18, SGD 1e-3) ---
+    # --- classifier trained on the synthetic set (ImageNet ResNet-18; recipes in oscar_common.recipes) ---
     classifier_pretrained: bool = True
     classifier_image_size: int = 224
-    epochs: int = 25
-    batch_size: int = 32
-    lr: float = 0.001
+    epochs: int = 0  # 0: the recipe's value (official 20, augmented 25)
+    batch_size: int = 0  # 0: the recipe's value (official 256, augmented 32)
+    lr: float = 0.0  # 0: the recipe's value (official 5e-4, augmented 1e-3)
+    train_recipe: str = "official"  # official | augmented (oscar_common.recipes says why official)
+    train_precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    decode_workers: int = -1  # processes decoding training images once; -1: from the CPU count
     # --- execution ---
     seed: int = 0
     device: str = "auto"
@@ -75,11 +80,20 @@ class OscarConfig:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        for name in ("images_per_class", "num_inference_steps", "epochs", "batch_size",
+        for name in ("images_per_class", "num_inference_steps",
                      "min_clients", "min_images_per_class", "generation_batch_size",
                      "caption_batch_size", "inversion_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_kebab(name)} must be >= 0 (0: the train-recipe's value), got {getattr(self, name)}")
+        if self.train_recipe not in RECIPES:
+            raise ValueError(f"train-recipe must be one of {sorted(RECIPES)}, got {self.train_recipe!r}")
+        if self.train_precision not in PRECISIONS:
+            raise ValueError(f"train-precision must be one of {PRECISIONS}, got {self.train_precision!r}")
+        if self.decode_workers < -1:
+            raise ValueError(f"decode-workers must be >= 0, or -1 for automatic, got {self.decode_workers}")
         if "{prompt}" not in self.prompt_template and self.scheme == "pooled":
             raise ValueError("prompt-template must contain '{prompt}' (the decoded client prompt)")
         if len(set(self.class_names)) != len(self.class_names):
