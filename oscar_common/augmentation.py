@@ -83,7 +83,8 @@ def random_resized_crop_boxes(n: int, height: int, width: int, *, scale: Sequenc
     return torch.stack([x, y, x + w, y + h], 1).to(torch.float32)
 
 
-def model_inputs(images: torch.Tensor, *, size: int, mean: Sequence[float], std: Sequence[float],
+def model_inputs(images: torch.Tensor, *, size: int, mean: Sequence[float] | torch.Tensor,
+                 std: Sequence[float] | torch.Tensor,
                  boxes: torch.Tensor | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> normalised float32 ``[B, 3, size, size]``, cropped and flipped per sample
     when ``boxes`` / ``flips`` are given (rows aligned with ``images``), on ``images``' device."""
@@ -97,6 +98,6 @@ def model_inputs(images: torch.Tensor, *, size: int, mean: Sequence[float], std:
         raise ValueError(f"images are {tuple(x.shape[-2:])}, expected {size}x{size} when not cropping")
     if flips is not None:
         x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+    mean_t = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
+    std_t = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) * 255
     return (x - mean_t) / std_t

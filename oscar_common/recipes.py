@@ -100,6 +100,7 @@ class Recipe:
     lr_gamma: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    keep_best_epoch: bool = True  # end with the weights of the best-training-accuracy epoch (both official)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's defaults (torchvision)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 

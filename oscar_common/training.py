@@ -48,8 +48,8 @@ class TrainStats:
     seconds: float  # time in the training loop of this call
     epochs_run: int  # epochs run by this call (fewer than ``epochs`` after a resume)
     resumed_from_epoch: int  # epochs the checkpoint held when this call started
-    best_epoch: int  # whose weights the model holds now
-    train_accuracy: float  # of the best epoch (on the training images, as augmented)
+    best_epoch: int  # best training accuracy; its weights are the model's when the recipe keeps the best
+    train_accuracy: float  # of the model's epoch (best or last), on the training images as augmented
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
     accuracies: list[float] = field(default_factory=list)  # training accuracy per epoch
     lrs: list[float] = field(default_factory=list)  # lr per epoch
@@ -85,7 +85,8 @@ def train_classifier(
     checkpoint: Path | None = None,
     log_every_epoch: bool = True,
 ) -> TrainStats:
-    """Train ``model`` in place with ``recipe`` on ``data``; returns with the best epoch's weights loaded.
+    """Train ``model`` in place with ``recipe`` on ``data``; returns with the best epoch's weights loaded
+    (``recipe.keep_best_epoch``) or the last epoch's.
 
     With ``checkpoint``, the state is saved there after every epoch (by the first process) and, if the
     file exists at the start, training continues after its last epoch.
@@ -97,8 +98,6 @@ def train_classifier(
         raise ValueError(f"need at least {max(2, world)} training images (BatchNorm, {world} process(es)), got {n}")
     if batch_size < max(2, world):
         raise ValueError(f"batch-size must be at least {max(2, world)} with {world} process(es), got {batch_size}")
-    if recipe.augment and data.side < 1:
-        raise ValueError("empty image cache")
     # A last batch too small for BatchNorm (one image) or for every process to get one is dropped.
     tail = n % batch_size
     used = n - tail if tail and tail < max(2, world) else n
@@ -111,7 +110,7 @@ def train_classifier(
         model = synchronise_batchnorm(model, device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
     state = TrainingProgress()
     if checkpoint is not None and Path(checkpoint).exists():
@@ -125,6 +124,7 @@ def train_classifier(
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     criterion = nn.CrossEntropyLoss(reduction="sum")
+    mean, std = (torch.tensor(v, device=device) for v in (recipe.mean, recipe.std))  # copied once, not per step
     lrs = [recipe.lr_at(e) for e in range(1, state.epoch + 1)]
 
     started = time.perf_counter()
@@ -145,7 +145,7 @@ def train_classifier(
         for start in starts:
             global_batch = order[start:start + batch_size]
             index = torch.tensor_split(global_batch, world)[rank]
-            x = model_inputs(images[index], size=image_size, mean=recipe.mean, std=recipe.std,
+            x = model_inputs(images[index], size=image_size, mean=mean, std=std,
                              boxes=None if boxes is None else boxes[index],
                              flips=None if flips is None else flips[index])
             if cuda:
@@ -170,7 +170,8 @@ def train_classifier(
         state.accuracies.append(correct / seen)
         if state.accuracies[-1] > state.best_accuracy:
             state.best_epoch = epoch
-            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if recipe.keep_best_epoch:
+                state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if log_every_epoch and rank == 0:
             logger.info("epoch %d/%d lr %.3g loss %.4f acc %.4f", epoch, recipe.epochs, lrs[-1], state.losses[-1],
                         state.accuracies[-1])
@@ -178,10 +179,11 @@ def train_classifier(
             save_checkpoint(Path(checkpoint), model, optimizer, state)
     seconds = time.perf_counter() - started
 
-    if state.best_state:
+    if recipe.keep_best_epoch and state.best_state:
         model.load_state_dict(state.best_state)
     return TrainStats(
         epochs=recipe.epochs, images=used, seconds=seconds, epochs_run=recipe.epochs - resumed_from,
         resumed_from_epoch=resumed_from, best_epoch=state.best_epoch,
-        train_accuracy=state.best_accuracy if state.best_epoch else 0.0, losses=list(state.losses),
-        accuracies=list(state.accuracies), lrs=lrs, processes=world, device=str(device), precision=precision)
+        train_accuracy=state.best_accuracy if recipe.keep_best_epoch else state.accuracies[-1],
+        losses=list(state.losses), accuracies=list(state.accuracies), lrs=lrs, processes=world, device=str(device),
+        precision=precision)
