@@ -35,6 +35,11 @@ class TrainingProgress:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     progress: TrainingProgress) -> None:
+    atomic_write_bytes(path, checkpoint_bytes(model, optimizer, progress))
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> bytes:
+    """The checkpoint as bytes: a snapshot, so training may go on while another thread writes it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"best.{k}": v.contiguous() for k, v in progress.best_state.items()})
     opt_state = optimizer.state_dict()
@@ -50,7 +55,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "best_epoch": str(progress.best_epoch),
         "param_groups": json.dumps(opt_state["param_groups"]),
     }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return save(tensors, metadata=metadata)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingProgress:

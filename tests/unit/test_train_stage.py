@@ -97,17 +97,17 @@ def test_killed_stage_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> N
     train_run(reference, _cfg(reference, **overrides))
 
     root = make_run(tmp_path / "run")
-    save = oscar_common.training.save_checkpoint
+    plan_epoch = oscar_common.training.plan_epoch
 
-    def save_then_die(path, model, optimizer, progress):
-        save(path, model, optimizer, progress)
-        if progress.epoch == 1:
-            raise KeyboardInterrupt("killed after epoch 1")
+    def killed_in_epoch_2(**kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt("killed in epoch 2")
+        return plan_epoch(**kwargs)
 
-    monkeypatch.setattr(oscar_common.training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(oscar_common.training, "plan_epoch", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_run(root, _cfg(root, **overrides))
-    assert not (root / "model.safetensors").exists()
+    assert not (root / "model.safetensors").exists() and (root / "checkpoint.safetensors").exists()
     monkeypatch.undo()
 
     resumed = train_run(root, _cfg(root, **overrides))
