@@ -220,7 +220,7 @@ def load_client_split(
     return train, test
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
 
@@ -234,7 +234,7 @@ def load_rgb_images(
     bad: list[Sample] = []
     for index, sample in enumerate(progress(samples, desc="load images", unit="img", leave=False, logger=logger)):
         try:
-            images.append(_open_rgb(sample.path))
+            images.append(open_rgb(sample.path))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             # UnidentifiedImageError is an OSError; truncated files raise OSError on decode.
             logger.warning("skipping unreadable image %s: %s", sample.path, exc)
@@ -280,7 +280,7 @@ class ImageListDataset(Dataset):
             image = source.convert("RGB")
         else:
             try:
-                image = _open_rgb(Path(source))
+                image = open_rgb(Path(source))
             except OSError as exc:  # name the file: PIL's truncation errors do not
                 raise OSError(f"cannot read image {source}: {exc}") from exc
         return (self.transform(image) if self.transform else image), label

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from oscar_common.data import open_rgb
 from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class _Decode(Dataset):
         index = self.indices[position]
         source = self.sources[index]
         try:
-            image = source.convert("RGB") if isinstance(source, Image.Image) else _open_rgb(Path(source))
+            image = source.convert("RGB") if isinstance(source, Image.Image) else open_rgb(Path(source))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             # UnidentifiedImageError is an OSError; truncated files raise OSError on decode.
             return index, torch.empty(0, dtype=torch.uint8), f"{exc}"
@@ -70,11 +71,6 @@ class _Decode(Dataset):
         image = image.resize((self.side, self.side), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.uint8)
         return index, torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), ""
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> list[tuple[int, torch.Tensor, str]]:
@@ -117,16 +113,18 @@ def decode_images(
                 ok[index // world] = 1
     if world > 1:
         local, ok = _all_gather_shares(local.to(device), ok.to(device), world, n)
-    keep = ok[:n].bool()
-    for index, error in sorted(_all_errors(errors, world).items()):
-        if rank == 0:
-            logger.warning("skipping unreadable image %s: %s", _name(sources, names, index), error)
-    unreadable = [_name(sources, names, i) for i in range(n) if not keep[i]]
-    if unreadable and rank == 0:
-        logger.warning("skipped %d unreadable image(s) of %d", len(unreadable), n)
-    label_tensor = torch.as_tensor(list(labels), dtype=torch.int64)
-    return ImageCache(images=local[:n][keep.to(local.device)].to(device),
-                      labels=label_tensor[keep.cpu()].to(device),
+    errors = _all_errors(errors, world)
+    unreadable = [_name(sources, names, index) for index in sorted(errors)]
+    if rank == 0:
+        for index in sorted(errors):
+            logger.warning("skipping unreadable image %s: %s", _name(sources, names, index), errors[index])
+        if errors:
+            logger.warning("skipped %d unreadable image(s) of %d", len(errors), n)
+    images, label_tensor = local[:n], torch.as_tensor(list(labels), dtype=torch.int64)
+    if errors:
+        keep = ok[:n].bool().cpu()
+        images, label_tensor = images[keep.to(images.device)], label_tensor[keep]
+    return ImageCache(images=images.to(device), labels=label_tensor.to(device),
                       unreadable=unreadable, seconds=time.perf_counter() - started)
 
 

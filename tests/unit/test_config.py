@@ -9,7 +9,7 @@ import pytest
 
 from oscar_common.config import OscarConfig
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def app_config() -> dict:
@@ -44,7 +44,8 @@ def test_overrides_are_coerced() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     ({"scheme": "pixels"}, "scheme must be one of"),
-    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"epochs": -1}, "epochs must be >= 0"),
+    ({"train-recipe": "fast"}, "train-recipe must be one of"),
     ({"epochs": 1.5}, "epochs must be a number"),
     ({"class-names": "cat,cat"}, "duplicates"),
     ({"prompt-template": "{class_name}"}, "must contain '{prompt}'"),

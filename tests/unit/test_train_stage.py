@@ -161,12 +161,15 @@ def test_incomplete_synthetic_set_is_refused(tmp_path: Path) -> None:
 
 
 def test_one_and_two_processes_train_the_same_model(tmp_path: Path) -> None:
-    # 15 images in batches of 8: 8 then 7, the last one split 4/3 between the processes. Random crops and
-    # flips, BatchNorm statistics and the loss scale must all come out as with one process. lr 1e-4: at 32
-    # px the last BatchNorms see 1x1 maps of 7 images, so at 1e-3 float32 rounding (even 1 vs 2 threads in
-    # one process) grows to ~1e-3 within 4 steps; at 1e-4 both runs agree to ~1e-6 (measured).
-    overrides = {"train-recipe": "augmented", "images-per-class": 3, "batch-size": 8, "epochs": 2, "lr": 1e-4}
+    # 20 images, one unreadable (decoded by the second process: the 4th in order), 19 in batches of 10:
+    # 10 then 9, split 5/5 and 5/4 between the processes. Random crops and flips, BatchNorm statistics and
+    # the loss scale must all come out as with one process. A small lr: at 32 px the last BatchNorms see
+    # 1x1 maps of ~10 images, and at lr 1e-3 float32 rounding alone (1 vs 2 threads in one process) grows
+    # to ~1e-3 within 4 steps; at 2e-5 both runs agree to ~1e-6 (measured), while unsynchronised
+    # BatchNorm misses by 2e-1 and a loss scale that ignores the process count by 6e-3.
+    overrides = {"train-recipe": "augmented", "batch-size": 10, "epochs": 2, "lr": 2e-5}
     one = make_run(tmp_path / "one", **overrides)
+    (one / "synthetic" / "dog" / "alice__c0001__000.png").write_bytes(b"not a png")
     two = tmp_path / "two"
     shutil.copytree(one, two)
     single = train_run(one, _cfg(one))
@@ -179,7 +182,8 @@ def test_one_and_two_processes_train_the_same_model(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     double = TrainingSummary.load(summary_path(two))
     assert double.processes == 2 and double.devices == ["cpu:0", "cpu:0"] and single.processes == 1
-    assert double.trained_images == single.trained_images == 15
+    assert double.unreadable == single.unreadable == ["synthetic/dog/alice__c0001__000.png"]
+    assert double.trained_images == single.trained_images == 19
     assert double.losses == pytest.approx(single.losses, rel=1e-5)
     assert double.accuracies == single.accuracies and double.best_epoch == single.best_epoch
     # The kept model and the last epoch's weights (in the checkpoint), BatchNorm running stats included.
