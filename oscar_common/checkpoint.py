@@ -41,7 +41,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> bytes:
     """The checkpoint as bytes: a snapshot, so training may go on while another thread writes it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"best.{k}": v.contiguous() for k, v in progress.best_state.items()})
+    if progress.best_epoch != progress.epoch:  # else the best weights are the model's: not stored twice
+        tensors.update({f"best.{k}": v.contiguous() for k, v in progress.best_state.items()})
     opt_state = optimizer.state_dict()
     for index, state in opt_state["state"].items():
         for name, value in state.items():
@@ -73,6 +74,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    return TrainingProgress(epoch=int(metadata["epoch"]), losses=json.loads(metadata["losses"]),
-                            accuracies=json.loads(metadata["accuracies"]), best_epoch=int(metadata["best_epoch"]),
-                            best_state={k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")})
+    progress = TrainingProgress(epoch=int(metadata["epoch"]), losses=json.loads(metadata["losses"]),
+                                accuracies=json.loads(metadata["accuracies"]), best_epoch=int(metadata["best_epoch"]),
+                                best_state={k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")})
+    if progress.best_epoch == progress.epoch and progress.best_epoch:
+        progress.best_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return progress

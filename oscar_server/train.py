@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-import torch
 import torch.distributed as dist
 
 from oscar_common.classifier import ARCHITECTURE, build_classifier, classifier_to_bytes
@@ -264,13 +263,15 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> OscarConfig
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {run_dir} is not an OSCAR run directory")
     values = json.loads(path.read_text())
+    known = OscarConfig().to_dict()
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--set takes key=value, got {item!r}")
-        if key.strip() not in values:
-            raise ValueError(f"--set {key.strip()}: not a run-config key (known: {', '.join(sorted(values))})")
-        values[key.strip()] = value
+        if key not in known:
+            raise ValueError(f"--set {key}: not a run-config key (known: {', '.join(sorted(known))})")
+        values[key] = value
     return OscarConfig.from_run_config(values)
 
 
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_run_config(args.run_dir, args.overrides)
-        summary = train_run(args.run_dir, cfg, fresh=args.fresh)
+        train_run(args.run_dir, cfg, fresh=args.fresh)
     except (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError) as exc:
         print(f"oscar-train: error: {exc}", file=sys.stderr)
         return 2
