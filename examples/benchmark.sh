@@ -15,28 +15,34 @@ RUN_TOML=$WORK/run.toml
 cp "$EXAMPLE/run.toml" "$RUN_TOML"
 oscar-class-names --benchmark "$BENCH" --root "$DATA" --subset "$SUBSET" --toml >> "$RUN_TOML"
 
+# Every key checked (names and values) before Flower sees it; `flwr run` exits 0 whatever happens to the
+# run, so the run's last log line (OSCAR status: completed|partial|failed) decides this script's status.
+oscar-config "$RUN_TOML" >/dev/null
+run_and_check() {
+  local log=$WORK/flwr-run.log
+  flwr run . "$@" --stream --run-config "$RUN_TOML" 2>&1 | tee "$log"
+  local status
+  status=$(grep -o 'OSCAR status: [a-z]*' "$log" | tail -n 1 || true)
+  echo "${status:-OSCAR status: unknown (no status line: see $log)}"
+  [[ "$status" == "OSCAR status: completed" ]]
+}
+
 case "${1:-}" in
   toml)
     echo "$RUN_TOML" ;;
   simulate)
     echo "benchmark-root = \"$DATA\"" >> "$RUN_TOML"
     if [[ -n "${TEST_ROOT:-}" ]]; then echo "test-root = \"$TEST_ROOT\"" >> "$RUN_TOML"; fi
-    # A private Flower home, so ~/.flwr/config.toml is left alone. Six virtual SuperNodes sharing the GPU.
-    export FLWR_HOME=$PWD/$WORK/flwr-home
+    oscar-config "$RUN_TOML" >/dev/null
+    # A private Flower home, so ~/.flwr/config.toml is left alone; the installed environment is used as it
+    # is (no per-run `uv sync`, which would download torch again). Six virtual SuperNodes sharing the GPU.
+    export FLWR_HOME=$PWD/$WORK/flwr-home FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
     mkdir -p "$FLWR_HOME"
-    cat > "$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "sim"
-
-[superlink.sim]
-address = ":local:"
-options.num-supernodes = 6
-options.backend.client-resources.num-cpus = 2
-options.backend.client-resources.num-gpus = ${CLIENT_GPUS:-0.15}
-TOML
-    flwr run . sim --stream --run-config "$RUN_TOML" ;;
+    printf '[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = ":local:"\n' > "$FLWR_HOME/config.toml"
+    run_and_check sim --federation-config \
+      "num-supernodes=6 client-resources-num-cpus=2 client-resources-num-gpus=${CLIENT_GPUS:-0.15}" ;;
   submit)
-    flwr run . "${CONNECTION:-oscar}" --stream --run-config "$RUN_TOML" ;;
+    run_and_check "${CONNECTION:-oscar}" ;;
   *)
     echo "usage: $0 simulate|submit|toml" >&2; exit 2 ;;
 esac

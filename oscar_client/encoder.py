@@ -1,129 +1,186 @@
-"""Client-side OSCAR encoding: images -> BLIP captions -> CLIP text embeddings -> per-class means.
+"""Client-side OSCAR encoding: image files -> captions -> text embeddings -> per-class sums and means.
 
 This is all a client computes (nothing is trained): the per-class means are the whole upload. The
-conditioning scheme decides the text encoder (README: "Divergences"): ``pooled`` uses the CLIP text tower and gives
-``[K, 512]`` means; ``tokens`` uses the diffusion model's own text encoder and gives ``[K, 77, H]`` means.
+conditioning scheme decides the text encoder (README: "Divergences"): ``pooled`` uses the CLIP text tower
+and gives ``[K, 512]`` means; ``tokens`` uses the diffusion model's own text encoder and gives
+``[K, 77, H]`` means.
+
+:func:`encode_client` streams: images are decoded by DataLoader workers batch by batch
+(``oscar_client.captioning``), captions already in the client's caption cache are not generated again
+(``oscar_client.caption_cache``), and embeddings go into running per-class sums
+(``oscar_client.class_accumulator``) one batch at a time. Memory is bounded by a batch, not by the data
+set; only the captions (a few dozen bytes each) are kept for every image. One frozen model is in memory at
+a time: the captioner, then the text encoder (captioning dominates the time; text encoding is cheap).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from oscar_common.logs import progress
-from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from oscar_common.wire import SCHEMES
-from oscar_common.models import load_captioner, load_clip_text_encoder, load_diffusion_text_encoder
+from oscar_client.caption_cache import CaptionCache
+from oscar_client.captioning import AUTO, Captioner, caption_files, caption_settings
+from oscar_client.class_accumulator import ClassAccumulator, class_means
+from oscar_common.choices import SCHEMES
+from oscar_common.data import Sample
+from oscar_common.devices import free_device_memory
+from oscar_common.logs import progress
+from oscar_common.models import (
+    checkpoint_revision,
+    load_captioner,
+    load_clip_text_encoder,
+    load_diffusion_text_encoder,
+    text_embedding_dim,
+)
 from oscar_common.text_encoding import encode_pooled, encode_tokens
 
+__all__ = ["ClassAccumulator", "EncodedClient", "class_means", "encode_client"]
+
 log = logging.getLogger(__name__)
+
+TEXT_BATCH_SIZE = 64  # fixed, so the same captions give bit-identical embeddings in every run
+TOKENS_LENGTH = 77  # CLIP's context length: every SD 1.x / 2.x text encoder's, the rows of a tokens embedding
+# keep_embeddings keeps every image's embedding: 2 KiB per image for pooled CLIP (2M images fit), but
+# 77 x 768 x 4 = 231 KiB for SD 1.x tokens (about 18k images fit). Beyond this, encode_client refuses
+# before any work starts rather than running out of memory after hours of captioning.
+KEEP_EMBEDDINGS_MAX_BYTES = 4 * 2**30
 
 
 @dataclass
 class EncodedClient:
-    """What one client computed. ``means[i]`` belongs to class ``class_ids[i]`` and averages ``counts[i]`` images."""
+    """What one client computed. Row ``i`` of ``sums``/``means`` belongs to class ``class_ids[i]`` (an index
+    into the class names) and sums ``counts[i]`` embeddings; every class with a readable image is present.
+    ``captions``, ``paths``, ``labels`` and ``embeddings`` run over the readable samples, in input order."""
 
     class_ids: np.ndarray  # int64 [K], sorted
     counts: np.ndarray  # int64 [K]
-    means: np.ndarray  # float32 [K, D] (pooled) or [K, 77, H] (tokens)
-    captions: list[str]  # one per input image, in input order
+    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens), after the accumulator's transform if any
+    captions: list[str]  # [N]
+    paths: list[Path]  # [N] the image each caption describes
+    labels: np.ndarray  # int64 [N] class id of each caption
+    unreadable: list[Sample]  # skipped: could not be read or decoded
+    captioned: int  # captions generated in this run
+    cached: int  # captions taken from the caption cache
+    caption_settings: dict[str, Any] = field(default_factory=dict)  # what keyed the cache (captioner, revision, ...)
+    embeddings: np.ndarray | None = None  # float32 [N, ...] raw embeddings, with keep_embeddings
+
+    @property
+    def means(self) -> np.ndarray:
+        """float32 per-class means of every class (not renormalised)."""
+        return (self.sums / self.counts.reshape(-1, *([1] * (self.sums.ndim - 1)))).astype(np.float32)
+
+    def class_means(self, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(class_ids, counts, means)`` of the classes with at least ``min_count`` images."""
+        keep = self.counts >= min_count
+        return self.class_ids[keep], self.counts[keep], self.means[keep]
 
 
-@torch.inference_mode()
-def caption_images(
-    images: Sequence[Image.Image],
-    processor: BlipProcessor,
-    model: BlipForConditionalGeneration,
-    batch_size: int = 16,
-    max_new_tokens: int = 30,
-) -> list[str]:
-    """Unconditional BLIP captions (greedy, as the checkpoint's generation config says), one per image."""
-    captions: list[str] = []
-    for start in progress(range(0, len(images), batch_size), desc="captioning", unit="batch", logger=log):
-        batch = [image.convert("RGB") for image in images[start : start + batch_size]]
-        inputs = processor(images=batch, return_tensors="pt").to(model.device, model.dtype)
-        output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
-        captions.extend(text.strip() for text in processor.batch_decode(output_ids, skip_special_tokens=True))
-    return captions
-
-
-def class_means(
-    embeddings: np.ndarray, labels: np.ndarray, min_count: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class means of ``embeddings`` (``[N, ...]``), for classes with at least ``min_count`` samples.
-
-    Returns ``(class_ids, counts, means)`` sorted by class id. Pooled embeddings are unit vectors but their
-    mean is deliberately *not* renormalised: the paper uploads the plain average (its norm also says how
-    consistent the captions of a class were).
-    """
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    if len(labels) != len(embeddings):
-        raise ValueError(f"{len(embeddings)} embeddings but {len(labels)} labels")
-    ids, counts = np.unique(labels, return_counts=True)  # sorted ids
-    keep = counts >= min_count
-    ids, counts = ids[keep], counts[keep]
-    means = np.zeros((len(ids), *embeddings.shape[1:]), dtype=np.float32)
-    for i, class_id in enumerate(ids):
-        # float64 accumulation: a class can hold thousands of [77, 768] rows.
-        means[i] = embeddings[labels == class_id].mean(axis=0, dtype=np.float64)
-    return ids.astype(np.int64), counts.astype(np.int64), means
-
-
-def encode_local_data(
-    images: Sequence[Image.Image],
-    labels: Sequence[int] | np.ndarray,
+def encode_client(
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
     *,
     scheme: str,
     captioner_id: str,
     encoder_id: str,
     device: torch.device,
     dtype: torch.dtype,
-    min_count: int = 1,
-    caption_batch_size: int = 16,
-    caption_max_tokens: int = 30,
+    batch_size: int,
+    max_new_tokens: int,
+    num_workers: int,
+    cache: CaptionCache | None,
+    keep_embeddings: bool = False,
     cache_dir: str | Path | None = None,
+    accumulator: ClassAccumulator | None = None,
 ) -> EncodedClient:
-    """Caption, encode and average a client's labelled images under ``scheme`` (``pooled`` or ``tokens``).
+    """Caption, encode and sum a client's labelled image files under ``scheme`` (``pooled`` or ``tokens``).
 
-    ``encoder_id`` is a CLIP checkpoint for ``pooled`` and a Stable Diffusion repo for ``tokens`` (the
-    server's instruction says which). ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models).
+    ``samples`` are labelled by the index of their class in ``class_names``. ``batch_size`` 0 chooses by
+    device (``oscar_client.captioning.resolve_batch_size``), ``num_workers`` -1 likewise. ``cache``: the
+    client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
+    ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
+    ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models). ``accumulator`` replaces the plain
+    per-class sums, e.g. by one that clips each embedding first (differential privacy).
     """
+    # 1. Check inputs (before any model is loaded)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    log.info("encoding %d images of %d classes (scheme %s, captioner %s, encoder %s, %s)",
-             len(images), len(np.unique(labels)), scheme, captioner_id, encoder_id, device)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({s.class_name for s in samples} - index.keys())
+    if unknown:
+        raise ValueError(f"samples of classes not in class_names: {', '.join(unknown)}")
+    if not samples:
+        raise ValueError("no training images to encode")
+    if batch_size < 0:
+        raise ValueError(f"caption batch size must be > 0, or 0 for automatic, got {batch_size}")
+    if num_workers < AUTO:
+        raise ValueError(f"caption workers must be >= 0, or {AUTO} for automatic, got {num_workers}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if keep_embeddings and accumulator is not None and not accumulator.keep_embeddings:
+        raise ValueError("keep_embeddings=True needs an accumulator made with keep_embeddings=True")
+    if keep_embeddings:
+        _check_keep_budget(len(samples), scheme, encoder_id, cache_dir)
+    labels = np.array([index[s.class_name] for s in samples], dtype=np.int64)
+    log.info("encoding %d images of %d classes (scheme %s, captioner %s, encoder %s, %s)", len(samples),
+             len(np.unique(labels)), scheme, captioner_id, encoder_id, device)
 
-    start = time.perf_counter()
-    processor, captioner = load_captioner(captioner_id, device, dtype, cache_dir=cache_dir)
-    captions = caption_images(images, processor, captioner, caption_batch_size, caption_max_tokens)
-    del processor, captioner  # only one frozen model in memory at a time
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log.info("captioned %d images in %.1f s", len(captions), time.perf_counter() - start)
+    # 2. Captions: from the cache where it has them, generated (streamed) for the rest
+    settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id, cache_dir), dtype=dtype,
+                                max_new_tokens=max_new_tokens)
+    run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
+                        num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
+                        load=lambda: Captioner(*load_captioner(captioner_id, device, dtype, cache_dir=cache_dir)))
+    captions = run.captions
+    readable = [i for i, c in enumerate(captions) if c is not None]
+    if not readable:
+        raise ValueError(f"none of the {len(samples)} training images could be read")
 
-    start = time.perf_counter()
+    # 3. Encode the captions (in input order, fixed batches) into running per-class sums
+    started = time.perf_counter()
     if scheme == "pooled":
         tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
-        embeddings = encode_pooled(captions, tokenizer, text_model)
+        encode = encode_pooled
     else:
         tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
-        embeddings = encode_tokens(captions, tokenizer, text_model)
-    class_ids, counts, means = class_means(embeddings.numpy(), labels, min_count)
-    dropped = len(np.unique(labels)) - len(class_ids)
-    log.info("encoded %d captions into %d class means of shape %s in %.1f s%s", len(captions), len(class_ids),
-             tuple(means.shape[1:]), time.perf_counter() - start,
-             f" ({dropped} classes with < {min_count} images dropped)" if dropped else "")
-    return EncodedClient(class_ids=class_ids, counts=counts, means=means, captions=captions)
+        encode = encode_tokens
+    sums = accumulator if accumulator is not None else ClassAccumulator(keep_embeddings=keep_embeddings)
+    for start in progress(range(0, len(readable), TEXT_BATCH_SIZE), desc="encoding captions", unit="batch",
+                          logger=log, leave=False):
+        chunk = readable[start : start + TEXT_BATCH_SIZE]
+        embeddings = encode([captions[i] for i in chunk], tokenizer, text_model, batch_size=TEXT_BATCH_SIZE)
+        sums.add(embeddings.numpy(), labels[chunk])
+    del tokenizer, text_model
+    free_device_memory(device)
+
+    class_ids = sums.class_ids
+    log.info("encoded %d captions into sums of %d classes, shape %s, in %.1f s", len(readable), len(class_ids),
+             tuple(sums.sums().shape[1:]), time.perf_counter() - started)
+    return EncodedClient(
+        class_ids=class_ids,
+        counts=sums.counts,
+        sums=sums.sums(),
+        captions=[captions[i] for i in readable],
+        paths=[Path(samples[i].path) for i in readable],
+        labels=labels[readable],
+        unreadable=[samples[i] for i in sorted(run.unreadable)],
+        captioned=run.captioned,
+        cached=run.cached,
+        caption_settings=settings,
+        embeddings=sums.embeddings()[0] if keep_embeddings else None,
+    )
+
+
+def _check_keep_budget(images: int, scheme: str, encoder_id: str, cache_dir: str | Path | None) -> None:
+    width = text_embedding_dim(scheme, encoder_id, cache_dir)
+    per_image = 4 * width * (TOKENS_LENGTH if scheme == "tokens" else 1)
+    if images * per_image > KEEP_EMBEDDINGS_MAX_BYTES:
+        raise ValueError(
+            f"keeping the per-image embeddings of {images} images under scheme {scheme!r} needs "
+            f"{images * per_image / 2**30:.1f} GiB (limit {KEEP_EMBEDDINGS_MAX_BYTES / 2**30:.0f} GiB): "
+            "turn off what needs them (prototypes, preview) or use fewer images")

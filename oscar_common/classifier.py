@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision.transforms import v2
 
+from oscar_common.data import collate_readable
 from oscar_common.files import atomic_write_bytes
 from oscar_common.logs import progress
 from oscar_common.recipes import eval_preprocessing
@@ -62,9 +63,14 @@ def build_classifier(num_classes: int, pretrained: bool = False, seed: int | Non
         return model
 
 
+def imagenet_weights_path() -> Path:
+    """Where torchvision keeps the ImageNet ResNet-18 checkpoint ($TORCH_HOME/hub/checkpoints/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(models.ResNet18_Weights.IMAGENET1K_V1.url)
+
+
 def _imagenet_resnet18() -> nn.Module:
     weights = models.ResNet18_Weights.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    cached = imagenet_weights_path()
     # torch.hub's download has no timeout of its own; bound it so a blocked network fails, not hangs.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
@@ -96,6 +102,7 @@ class EvalResult:
     accuracy: float
     per_class_accuracy: dict[int, float]  # only classes present in the data set
     n: int
+    unreadable: int = 0  # test images that could not be decoded (left out of n)
 
 
 @torch.inference_mode()
@@ -108,7 +115,11 @@ def evaluate_classifier(
     device: torch.device | str,
     num_workers: int = 0,
 ) -> EvalResult:
-    """Top-1 accuracy overall and per class (for the classes present)."""
+    """Top-1 accuracy overall and per class (for the classes present).
+
+    Images the data set cannot decode (``ImageListDataset(skip_unreadable=True)``) are left out and
+    counted in ``EvalResult.unreadable``.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty data set")
     device = torch.device(device)
@@ -116,8 +127,13 @@ def evaluate_classifier(
     model.to(device).eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    for inputs, labels in progress(loader, desc="evaluate", leave=False, unit="batch", logger=logger):
+    unreadable = 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_readable)
+    for inputs, labels, skipped in progress(loader, desc="evaluate", leave=False, unit="batch", logger=logger):
+        unreadable += skipped
+        if labels.numel() == 0:
+            continue
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
         predictions = model(inputs.to(device)).argmax(1).cpu()
@@ -125,8 +141,12 @@ def evaluate_classifier(
         correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
     model.train(was_training)
     n = int(total.sum())
+    if n == 0:
+        raise ValueError(f"none of the {len(dataset)} test images could be read")
+    if unreadable:
+        logger.warning("evaluation skipped %d unreadable image(s) of %d", unreadable, len(dataset))
     per_class = {c: correct[c].item() / total[c].item() for c in range(num_classes) if total[c] > 0}
-    return EvalResult(accuracy=correct.sum().item() / n, per_class_accuracy=per_class, n=n)
+    return EvalResult(accuracy=correct.sum().item() / n, per_class_accuracy=per_class, n=n, unreadable=unreadable)
 
 
 # ----------------------------------------------------------------------------- safetensors I/O

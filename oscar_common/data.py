@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> S
         raise DataDirError(f"no class folders in {root}; expected layout {_LAYOUT}")
     wanted = set(class_names) if class_names is not None else None
     unknown = [p.name for p in folders if wanted is not None and p.name not in wanted]
+    if wanted is not None and len(unknown) == len(folders):
+        raise DataDirError(
+            f"none of the {len(folders)} class folders of {root} is a class of this federation: folders "
+            f"{_few(unknown)}; the federation's class-names {_few(sorted(wanted))}. Check the server's class-names "
+            "and the folders' spelling (names must match exactly, case included)")
     if unknown:
         logger.warning("%s: skipping %d folder(s) that are not known classes: %s",
                        root, len(unknown), ", ".join(unknown))
@@ -104,6 +109,11 @@ def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> S
         )
     samples.sort(key=lambda s: (s.class_name, s.path.relative_to(root).as_posix()))
     return ScanResult(root=root, samples=samples, unknown_classes=unknown)
+
+
+def _few(names: Sequence[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(n) for n in list(names)[:shown])
+    return f"{listed} (+{len(names) - shown} more)" if len(names) > shown else listed
 
 
 def _class_seed(seed: int, class_name: str) -> int:
@@ -247,15 +257,22 @@ def load_rgb_images(
 
 
 class ImageListDataset(Dataset):
-    """``(image, label)`` items from ``(path or PIL image, label)`` pairs, decoded as RGB."""
+    """``(image, label)`` items from ``(path or PIL image, label)`` pairs, decoded as RGB.
+
+    With ``skip_unreadable``, an image that cannot be decoded is logged and yields ``None`` instead of
+    raising; :func:`collate_readable` drops those from the batch and counts them, so one corrupt file
+    never stops a training or an evaluation.
+    """
 
     def __init__(
         self,
         items: Sequence[tuple[Path | str | Image.Image, int]],
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.items = list(items)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
 
     @classmethod
     def from_samples(
@@ -263,13 +280,14 @@ class ImageListDataset(Dataset):
         samples: Sequence[Sample],
         class_names: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        skip_unreadable: bool = False,
     ) -> "ImageListDataset":
         """Label each sample by its class's index in ``class_names``."""
         index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted({s.class_name for s in samples} - index.keys())
         if unknown:
             raise DataDirError(f"samples of classes not in class_names: {', '.join(unknown)}")
-        return cls([(s.path, index[s.class_name]) for s in samples], transform)
+        return cls([(s.path, index[s.class_name]) for s in samples], transform, skip_unreadable)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -281,6 +299,18 @@ class ImageListDataset(Dataset):
         else:
             try:
                 image = open_rgb(Path(source))
-            except OSError as exc:  # name the file: PIL's truncation errors do not
-                raise OSError(f"cannot read image {source}: {exc}") from exc
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                if self.skip_unreadable:
+                    logger.warning("skipping unreadable image %s: %s", source, exc)
+                    return None
+                raise OSError(f"cannot read image {source}: {exc}") from exc  # name the file: PIL does not
         return (self.transform(image) if self.transform else image), label
+
+
+def collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable items of a batch; returns (inputs, labels, number of unreadable items dropped)."""
+    readable = [item for item in batch if item is not None]
+    if not readable:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    inputs, labels = default_collate(readable)
+    return inputs, labels, len(batch) - len(readable)

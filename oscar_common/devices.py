@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
@@ -21,3 +23,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
     except KeyError:
         raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return a dropped model's memory now (call after ``del model``), so the next model finds it free."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

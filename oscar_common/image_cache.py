@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,17 @@ def decode_images(
         images, label_tensor = images[keep.to(images.device)], label_tensor[keep]
     return ImageCache(images=images.to(device), labels=label_tensor.to(device),
                       unreadable=unreadable, seconds=time.perf_counter() - started)
+
+
+def decode_workers(setting: int, images: int, processes: int) -> int:
+    """``decode-workers``: as set, or for -1 none for a few images (starting workers costs more than it
+    saves) and otherwise the CPUs this process may use, shared with the other processes."""
+    if setting >= 0:
+        return setting
+    if images < 64:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus // processes - 1))
 
 
 def _all_gather_shares(local: torch.Tensor, ok: torch.Tensor, world: int,

@@ -1,4 +1,4 @@
-"""Load the frozen models (BLIP captioner, CLIP text encoders, Stable Diffusion) by hub id or local dir.
+"""Load the frozen models (BLIP or BLIP-2 captioner, CLIP text encoders, Stable Diffusion) by hub id or local dir.
 
 Every loader takes a Hugging Face hub id (``"openai/clip-vit-base-patch32"``) or a local directory
 written by ``save_pretrained``. Offline machines work through the hub cache: ``HF_HUB_CACHE`` names the
@@ -14,6 +14,8 @@ All models come back in eval mode with gradients off: OSCAR never trains them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,9 +23,13 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import (
+    AutoConfig,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     BlipForConditionalGeneration,
     BlipProcessor,
     CLIPConfig,
@@ -33,7 +39,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from oscar_common.config import SCHEDULERS
+from oscar_common.choices import SCHEDULERS
 from oscar_common.logs import interactive
 
 log = logging.getLogger(__name__)
@@ -101,16 +107,50 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
+# Captioner families by the checkpoint's ``model_type``: BLIP (the paper's Salesforce/blip-image-captioning-base,
+# the default) and BLIP-2 (what the official OSCAR code runs: Salesforce/blip2-flan-t5-xl).
+CAPTIONERS = {
+    "blip": (BlipProcessor, BlipForConditionalGeneration),
+    "blip-2": (Blip2Processor, Blip2ForConditionalGeneration),
+}
+
+
 def load_captioner(
     model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
-) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
-    """BLIP image captioner (paper: Salesforce/blip-image-captioning-base) and its processor."""
+) -> tuple[BlipProcessor | Blip2Processor, BlipForConditionalGeneration | Blip2ForConditionalGeneration]:
+    """An image captioner and its processor, BLIP or BLIP-2 as the checkpoint's config says."""
     kwargs = _hub_kwargs(cache_dir)
     with _translate_missing(model_id, cache_dir):
-        processor = BlipProcessor.from_pretrained(model_id, **kwargs)
-        model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **kwargs)
-    log.info("loaded captioner %s on %s (%s)", model_id, device, dtype)
+        model_type = AutoConfig.from_pretrained(model_id, **kwargs).model_type
+        if model_type not in CAPTIONERS:
+            raise ValueError(f"captioner {model_id!r} is a {model_type!r} checkpoint; supported captioners are "
+                             f"{', '.join(repr(t) for t in CAPTIONERS)} checkpoints (e.g. "
+                             "Salesforce/blip-image-captioning-base, Salesforce/blip2-flan-t5-xl)")
+        processor_class, model_class = CAPTIONERS[model_type]
+        processor = processor_class.from_pretrained(model_id, **kwargs)
+        model = model_class.from_pretrained(model_id, dtype=dtype, **kwargs)
+    log.info("loaded captioner %s (%s) on %s (%s)", model_id, model_type, device, dtype)
     return processor, _frozen(model, device)
+
+
+def checkpoint_revision(model_id: str, cache_dir: CacheDir = None) -> str:
+    """What identifies the files ``model_id`` resolves to now, without loading the model.
+
+    A hub id: its snapshot's commit hash (``config.json`` is fetched if absent and the hub is reachable).
+    A local directory: a digest of its files' relative names, sizes and modification times, so replacing
+    the weights in place gives a new revision. Used to key cached model outputs (the client's captions).
+    """
+    if Path(model_id).is_dir():
+        root = Path(model_id)
+        digest = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return "dir:" + digest.hexdigest()
+    kwargs = _hub_kwargs(cache_dir)
+    with _translate_missing(model_id, cache_dir):
+        config_path = hf_hub_download(model_id, "config.json", **kwargs)
+    return Path(config_path).parent.name  # <cache>/models--Org--Name/snapshots/<commit>/config.json
 
 
 def load_clip_text_encoder(
@@ -172,6 +212,35 @@ def load_diffusion_pipeline(
     return pipe
 
 
+def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) -> Path:
+    """The pipeline's folder, after checking that every component it lists has its config and weights.
+
+    Reads files only (no weights are loaded), so the server can say "missing" before any client works.
+    """
+    if Path(model_id).is_dir():
+        root = Path(model_id)
+    else:
+        with _translate_missing(model_id, cache_dir):
+            kwargs = _hub_kwargs(cache_dir)
+            root = Path(snapshot_download(model_id, cache_dir=kwargs["cache_dir"], local_files_only=True,
+                                          allow_patterns=["model_index.json"]))
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFoundError(model_id, cache_dir, f"{index} is missing: not a diffusers pipeline")
+    missing = []
+    for component, spec in json.loads(index.read_text()).items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue  # metadata, or an optional component that is absent (e.g. the safety checker)
+        folder = root / component
+        weights = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")] if folder.is_dir() else []
+        configs = list(folder.glob("*.json")) if folder.is_dir() else []
+        if not configs or (component in ("unet", "vae", "text_encoder") and not weights):
+            missing.append(component)
+    if missing:
+        raise ModelNotFoundError(model_id, cache_dir, f"components without config or weights: {missing}")
+    return root
+
+
 def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -> int:
     """The size of what clients upload per class and position, from the encoder's config alone.
 
@@ -183,3 +252,21 @@ def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -
         if scheme == "pooled":
             return int(CLIPConfig.from_pretrained(model_id, **kwargs).projection_dim)
         return int(CLIPTextConfig.from_pretrained(model_id, subfolder="text_encoder", **kwargs).hidden_size)
+
+
+STAND_IN_MARKER = "OSCAR_STAND_IN.txt"  # written next to the tiny demo/test models (oscar_demo.tiny)
+
+
+def stand_in_note(model_id: str, cache_dir: CacheDir = None) -> str | None:
+    """The marker text when ``model_id`` resolves to a tiny random-weight stand-in, else None."""
+    local = Path(model_id) / STAND_IN_MARKER
+    if local.is_file():
+        return local.read_text().strip()
+    if Path(model_id).is_dir():
+        return None
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return None
+    cached = try_to_load_from_cache(model_id, STAND_IN_MARKER, cache_dir=_hub_kwargs(cache_dir)["cache_dir"])
+    return Path(cached).read_text().strip() if isinstance(cached, str) else None

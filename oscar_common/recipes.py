@@ -121,15 +121,14 @@ class Recipe:
         return round(image_size * 256 / 224) if self.augment else image_size
 
     def eval_preprocessing(self, image_size: int) -> Preprocessing:
-        return Preprocessing(image_size=image_size, resize_size=round(image_size * 256 / 224),
-                             mean=self.mean, std=self.std)
+        return dataclasses.replace(standard_preprocessing(image_size), mean=self.mean, std=self.std)
 
     def settings(self) -> dict[str, Any]:
         """Everything about the recipe that shapes the model (for the report and the stage fingerprint)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as JSON reads them back
 
 
-RECIPES: dict[str, Recipe] = {
+RECIPES: dict[str, Recipe] = {  # the names are TRAIN_RECIPES (oscar_common.choices), which config checks
     "official": Recipe(name="official", epochs=20, lr=5e-4, batch_size=256, momentum=0.9, augment=False,
                        lr_step_epochs=0, lr_gamma=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "augmented": Recipe(name="augmented", epochs=25, lr=1e-3, batch_size=32, momentum=0.9, augment=True,
@@ -147,6 +146,13 @@ def resolve_recipe(name: str, *, epochs: int, lr: float, batch_size: int) -> Rec
     recipe = RECIPES[name]
     return dataclasses.replace(recipe, epochs=epochs or recipe.epochs, lr=lr or recipe.lr,
                                batch_size=batch_size or recipe.batch_size)
+
+
+def standard_preprocessing(image_size: int) -> Preprocessing:
+    """Resize(size * 256/224) + CenterCrop(size) + ImageNet statistics: the official test transform, and
+    what a client uses when the server sends no preprocessing."""
+    return Preprocessing(image_size=image_size, resize_size=round(image_size * 256 / 224), mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD)
 
 
 def eval_preprocessing(image_size: int, recipe: str) -> Preprocessing:

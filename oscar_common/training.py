@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from oscar_common.augmentation import model_inputs, plan_epoch
+from oscar_common.choices import TRAIN_PRECISIONS
 from oscar_common.checkpoint import TrainingProgress, checkpoint_bytes, load_checkpoint
 from oscar_common.files import atomic_write_bytes
 from oscar_common.image_cache import ImageCache
@@ -40,8 +41,6 @@ from oscar_common.recipes import Recipe
 from oscar_common.sync_batchnorm import synchronise_batchnorm
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -68,8 +67,8 @@ class TrainStats:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on CUDA GPUs that support it, else fp32. ``bf16`` needs such a GPU."""
-    if name not in PRECISIONS:
-        raise ValueError(f"train-precision must be one of {PRECISIONS}, got {name!r}")
+    if name not in TRAIN_PRECISIONS:
+        raise ValueError(f"train-precision must be one of {TRAIN_PRECISIONS}, got {name!r}")
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if name == "bf16" and not bf16_ok:
         raise ValueError(f"train-precision=bf16 needs a CUDA GPU with bf16 support; the device is {device}")

@@ -86,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     if acc["mean"] is not None:
         print(f"\nmean accuracy {acc['mean']:.4f}, weighted {acc['weighted']:.4f}  "
               "(tiny random models: chance level is 0.10 — real numbers need the real models, see README)")
-    timings = report["timings_seconds"]
+    timings = {k: v for k, v in report["timings_seconds"].items() if k != "server"}
     print(f"\nstatus: {report['status']}" + (f" — {report['error']}" if report["error"] else ""))
-    print(f"time: {total:.0f}s total ({prepared:.0f}s data + models, "
-          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
+    for problem in report["problems"]:
+        print(f"  - {problem}")
+    print(f"time: {total:.0f}s in all: {prepared:.0f}s data + models, "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+          + ", the rest starting and stopping the federation")
     for name in ("report.json", "report.md", "samples.png"):
         print(f"{name:12s} {report_path.parent / name}")
     return 0 if report["status"] == "completed" else 1

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import tomli_w
 
+from oscar_common.run_config import run_config_problems
 from oscar_deploy.launch import node_config_arg, venv_bin
 
 log = logging.getLogger("oscar.demo")
@@ -141,6 +142,10 @@ class LocalFederation:
 
         ``app_dir``: the Flower app project to run (the OSCAR app unless a test brings its own)."""
         name = run_config["run-name"]
+        if app_dir == PROJECT_DIR:  # OSCAR's own app: name every bad key before Flower answers "code 15"
+            problems = run_config_problems(run_config)
+            if problems:
+                raise ValueError("run config refused before submission:\n  - " + "\n  - ".join(problems))
         overrides = self.workdir / f"{name}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
         command = [venv_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
@@ -158,7 +163,11 @@ class LocalFederation:
         return Submission(name=name, proc=proc, pump=pump, report=report, log_path=log_path)
 
     def wait(self, submission: "Submission", timeout: float) -> Path:
-        """Until the run's report says it is over (`flwr run --stream` itself keeps following logs)."""
+        """Until the run's report is final and the ServerApp is done (its stream has ended).
+
+        report.json is written last, after every artefact; the ServerApp logs its status line after it, so
+        the stream (``flwr run --stream`` follows the run to its end) is given a moment to finish too.
+        """
         deadline = time.monotonic() + timeout
         while not _finished(submission.report):
             self._check_alive()
@@ -170,6 +179,11 @@ class LocalFederation:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the run did not finish within {timeout:.0f}s; see {submission.log_path}")
             time.sleep(0.5)
+        try:
+            submission.proc.wait(timeout=max(5.0, min(60.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            log.warning("the log stream of run %s did not end within a minute of its report", submission.name)
+        submission.pump.join(timeout=5)
         return submission.report
 
     def cancel(self, submission: "Submission") -> None:
@@ -275,7 +289,7 @@ def _finished(report: Path) -> bool:
     import json
 
     try:
-        return json.loads(report.read_text()).get("status") in ("completed", "failed")
+        return json.loads(report.read_text()).get("status") in ("completed", "partial", "failed")
     except (OSError, ValueError):
         return False  # being replaced right now; look again at the next line
 

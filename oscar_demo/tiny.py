@@ -9,7 +9,9 @@ tokenizers as the real checkpoints:
   real CLIP BPE vocabulary (49408 tokens, from the ``open_clip_torch`` wheel), so pooled payloads have
   exactly the real shape;
 * ``CompVis/stable-diffusion-v1-4``: a Stable Diffusion pipeline generating 32x32 images with SD 1.4's
-  scheduler settings and the same CLIP tokenizer.
+  scheduler settings and the same CLIP tokenizer;
+* ``Salesforce/blip2-flan-t5-xl`` (only through :func:`install_tiny_blip2`): a BLIP-2 with a tiny T5
+  language model, a small unigram (T5-style) vocabulary and 4 query tokens.
 
 They are built at run time (never committed) and written either into plain directories or into a
 Hugging Face hub cache (``models--Org--Name/snapshots/<hash>/`` + ``refs/main``), where
@@ -34,6 +36,9 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (
     BertTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipImageProcessor,
@@ -45,15 +50,19 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    T5Tokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 log = logging.getLogger(__name__)
 
 CAPTIONER_ID = "Salesforce/blip-image-captioning-base"
+BLIP2_ID = "Salesforce/blip2-flan-t5-xl"  # the official OSCAR code's captioner (installed on request only)
 CLIP_ID = "openai/clip-vit-base-patch32"
 DIFFUSION_ID = "CompVis/stable-diffusion-v1-4"
 
+STAND_IN_MARKER = "OSCAR_STAND_IN.txt"
+STAND_IN_TEXT = "tiny random-weight stand-in built by oscar_demo.tiny (outputs are noise; accuracy is at chance)"
 CLIP_MAX_LENGTH = 77
 CLIP_PROJECTION_DIM = 512  # openai/clip-vit-base-patch32's, so pooled payloads are K x 512
 TEXT_HIDDEN = 32  # hidden size of every tiny text tower (and the UNet's cross-attention dim)
@@ -178,6 +187,40 @@ def save_tiny_captioner(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def save_tiny_blip2(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny BLIP-2 (ViT + Q-Former + T5 encoder-decoder) + processor, loadable like Salesforce/blip2-flan-t5-xl.
+
+    As in the current hub checkpoints, the processor knows ``num_query_tokens`` and the config names the
+    ``<image>`` token the processor adds, whose embeddings the Q-Former outputs replace.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # T5's layout: <pad>=0, </s>=1, <unk>=2, then "▁word" pieces (no extra_ids: they are for span corruption).
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -float(rank)) for rank, word in enumerate(dict.fromkeys(_BLIP_WORDS), start=1)]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    image_processor = BlipImageProcessor(size={"height": BLIP_IMAGE_SIZE, "width": BLIP_IMAGE_SIZE})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 initializer_range=0.2)
+    config = Blip2Config(
+        vision_config=dict(**small, image_size=BLIP_IMAGE_SIZE, patch_size=8),
+        qformer_config=dict(**small, vocab_size=64, encoder_hidden_size=32, max_position_embeddings=64),
+        text_config=dict(model_type="t5", vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=8, d_ff=64,
+                         num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                         eos_token_id=1, pad_token_id=0, initializer_factor=5.0),
+        num_query_tokens=processor.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content),
+        initializer_range=0.2,
+    )
+    # Larger random weights than the defaults, for the same reason as the tiny BLIP: image-dependent captions.
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def save_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     """A tiny full CLIP model (text + vision towers, projection 512) + processor with the real BPE vocab."""
     out_dir = Path(out_dir)
@@ -284,10 +327,18 @@ def install_tiny_models(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
     alone. Atomic: each snapshot is built in a temporary folder inside ``cache_dir``, renamed into place,
     and only then published by writing ``refs/main``, so a reader never sees half a model.
     """
-    cache_dir = Path(cache_dir)
+    return _install(Path(cache_dir), TINY_MODELS, seed)
+
+
+def install_tiny_blip2(cache_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny BLIP-2 into a hub cache as ``Salesforce/blip2-flan-t5-xl`` (as install_tiny_models)."""
+    return _install(Path(cache_dir), {BLIP2_ID: save_tiny_blip2}, seed)[BLIP2_ID]
+
+
+def _install(cache_dir: Path, models: dict[str, Callable[[Path, int], Path]], seed: int) -> dict[str, Path]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     snapshots: dict[str, Path] = {}
-    for model_id, save in TINY_MODELS.items():
+    for model_id, save in models.items():
         existing = installed_snapshot(cache_dir, model_id)
         if existing is not None:
             log.info("%s already in %s, skipped", model_id, existing)
@@ -300,6 +351,8 @@ def install_tiny_models(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-oscar-tiny-", dir=cache_dir))
         try:
             save(tmp / "snapshot", seed)
+            # Read by oscar_common.models.stand_in_note: reports say when their models were these stand-ins.
+            (tmp / "snapshot" / STAND_IN_MARKER).write_text(STAND_IN_TEXT + "\n")
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(tmp / "snapshot", snapshot)

@@ -130,9 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"oscar-certs: {err}", file=sys.stderr)
         return 2
-    for path in sorted(p for p in args.out.rglob("*") if p.is_file()):
-        print(path)
+    out = args.out.resolve()
+    print(f"oscar-certs: wrote into {out}:")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        role = _ROLES.get(path.name) or ("SuperNode private key: copy to that client only" if path.suffix == ".key"
+                                          else "SuperNode public key: register it on the SuperLink")
+        print(f"  {path.relative_to(out)}  ({role})")
+    print("next:\n"
+          f"  server:  oscar-superlink --certs {out} --workdir /srv/oscar\n"
+          f"           oscar-connection oscar --address <SERVER>:8000 --root-certificates {out / CA_CERT} --default\n"
+          f"           for key in {out}/supernodes/*.pub; do flwr supernode register \"$key\" oscar; done\n"
+          f"  clients: copy {CA_CERT} and supernodes/<name>.key, then oscar-supernode --superlink <SERVER>:8000 "
+          f"--root-certificates {CA_CERT} --auth-key <name>.key --data-dir ...")
     return 0
+
+
+_ROLES = {CA_CERT: "CA certificate: copy to every client", "ca.key": "CA private key: never leaves the server",
+          SERVER_CERT: "SuperLink certificate", SERVER_KEY: "SuperLink private key: stays on the server"}
 
 
 if __name__ == "__main__":

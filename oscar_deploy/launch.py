@@ -160,6 +160,20 @@ def supernode_command(superlink: str, root_certificates: Path | None, private_ke
     return command
 
 
+def free_local_port(host: str, first: int, tries: int = 100) -> int:
+    """``first`` if nothing listens there, else the next free port: two SuperNodes on one host need two."""
+    for port in range(first, first + tries):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            if port != first:
+                print(f"port {first} on {host} is taken (another SuperNode?): using {port}", flush=True)
+            return port
+    raise LaunchError(f"no free port in {first}..{first + tries - 1} on {host}: pass --port")
+
+
 def connection_config(address: str, root_certificates: Path | None) -> dict[str, Any]:
     """A ``[superlink.<name>]`` entry of ``$FLWR_HOME/config.toml`` for ``flwr run`` / ``flwr supernode``."""
     if root_certificates is None:
@@ -233,7 +247,13 @@ def supernode_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="the client's name in the report (default: the data dir's name)")
     parser.add_argument("--output-dir", type=Path, help="where the final weights go (default: in data dir)")
     parser.add_argument("--model-cache", type=Path, help="Hugging Face cache with BLIP and the text encoder")
-    parser.add_argument("--port", type=int, default=SUPERNODE_PORT, help="local Runtime API port")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"local Runtime API port (default {SUPERNODE_PORT}, or the next free one: every "
+                             "SuperNode on one host needs its own)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="no --auth-key (only for a SuperLink started with oscar-superlink --no-auth)")
+    parser.add_argument("--node-config", default="",
+                        help="more node config for the client, e.g. \"dp-epsilon=4 min-images-per-class=20\"")
     parser.add_argument("--runtime-host", default="127.0.0.1", help="address the Runtime API listens on")
     parser.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                         help="process: ClientApps run in a separate flower-superexec (containers)")
@@ -242,20 +262,59 @@ def supernode_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.insecure == (args.root_certificates is not None):
         raise LaunchError("pass --root-certificates CA_CERT (TLS, from oscar-certs) or --insecure")
+    parse_address(args.superlink)
+    if args.auth_key is None and not args.no_auth:
+        raise LaunchError("no --auth-key: the SuperLink accepts only registered SuperNodes (oscar-superlink turns "
+                          "authentication on), so pass this client's private key from oscar-certs "
+                          "(--auth-key supernodes/<name>.key), or --no-auth if the SuperLink runs with --no-auth")
     if not args.data_dir.is_dir():
         raise LaunchError(f"data dir '{args.data_dir}' does not exist")
     node_config: dict[str, Any] = {"data-dir": str(args.data_dir.resolve()), "name": args.name or args.data_dir.name}
+    if args.node_config:
+        from flwr.common.config import parse_config_args
+
+        try:
+            node_config.update(parse_config_args([args.node_config]))
+        except Exception as err:  # noqa: BLE001 - Flower's parser raises several kinds
+            raise LaunchError(f"--node-config {args.node_config!r} is not 'key=value ...' with TOML values: {err}")
     if args.output_dir is not None:
         node_config["output-dir"] = str(args.output_dir.resolve())
     root = args.root_certificates.resolve() if args.root_certificates else None
+    port = args.port if args.port is not None else free_local_port(args.runtime_host, SUPERNODE_PORT)
     command = supernode_command(args.superlink, root, args.auth_key.resolve() if args.auth_key else None,
-                                node_config, args.port, args.runtime_host, args.isolation)
+                                node_config, port, args.runtime_host, args.isolation)
     env = model_cache_env(args.model_cache)
     wait_for_superlink(*parse_address(args.superlink), root, args.connect_timeout)
     _exec(command, env)
 
 
-ROLES = {"superlink": superlink_main, "supernode": supernode_main}
+@_cli
+def connection_main(argv: list[str] | None = None) -> None:
+    """Add (or update) a SuperLink connection in $FLWR_HOME/config.toml (default ~/.flwr), for flwr run."""
+    parser = argparse.ArgumentParser(prog="oscar-connection", description=connection_main.__doc__)
+    parser.add_argument("name", help="the connection's name, e.g. oscar: `flwr run . oscar`")
+    parser.add_argument("--address", required=True, help="HOST:PORT of the SuperLink (port 8000 by default)")
+    parser.add_argument("--root-certificates", type=Path, help="the federation's ca.crt (from oscar-certs)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
+    parser.add_argument("--default", action="store_true", help="make it the default connection")
+    args = parser.parse_args(argv)
+    if args.insecure == (args.root_certificates is not None):
+        raise LaunchError("pass --root-certificates CA_CERT (TLS) or --insecure")
+    parse_address(args.address)
+    # Flower's own reader/writer: an existing config.toml (e.g. its `local` connection) is kept as it is.
+    from flwr.cli.flower_config import set_default_superlink_connection, write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.supercore.utils import get_flwr_home
+
+    root = str(check_certificate(args.root_certificates.resolve(), "root certificate")) if args.root_certificates else None
+    write_superlink_connection(SuperLinkConnection(name=args.name, address=args.address, root_certificates=root,
+                                                   insecure=True if args.insecure else None))
+    if args.default:
+        set_default_superlink_connection(args.name)
+    print(f"connection '{args.name}' -> {args.address} written to {get_flwr_home() / 'config.toml'}")
+
+
+ROLES = {"superlink": superlink_main, "supernode": supernode_main, "connection": connection_main}
 
 if __name__ == "__main__":  # python -m oscar_deploy.launch {superlink,supernode} ...
     if len(sys.argv) < 2 or sys.argv[1] not in ROLES:

@@ -25,7 +25,7 @@ from oscar_common.data import ImageListDataset
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import load_clip_text_encoder, load_diffusion_pipeline
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import Upload as ClientPayload  # replaced by the synthesis stage
 from oscar_server.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.run_dir import RunDirectory
 from oscar_server.synthesis import SynthesisJob, generate_images, jobs_for_embeddings, jobs_for_prompts

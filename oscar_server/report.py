@@ -1,4 +1,10 @@
-"""The run's report: ``report.json`` for machines, ``report.md`` for people, ``samples.png`` to look at."""
+"""The run's report: ``report.json`` for machines, ``report.md`` for people, ``samples.png`` to look at.
+
+``report.json`` is written last, atomically: once it exists with a final status, every other artefact
+of the run (model, report.md, samples.png) is on disk. Status: ``completed`` (every accepted client
+evaluated, nothing rejected), ``partial`` (the run went through, but some client was rejected or could not
+evaluate: ``problems`` lists each), ``failed`` (the run stopped: ``error`` says why).
+"""
 
 from __future__ import annotations
 
@@ -10,39 +16,63 @@ from PIL import Image, ImageDraw
 
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
+from oscar_common.models import stand_in_note
 from oscar_server.run_dir import RunDirectory
 from oscar_server.strategy import RunState
 
+# samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
+SAMPLE_COLUMNS = 12
+SAMPLE_ROWS = 20
 
-def build_report(cfg: OscarConfig, state: RunState, status: str, error: str | None = None) -> dict[str, Any]:
+
+def run_status(report_clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
+               error: str | None) -> tuple[str, list[str]]:
+    """(status, problems): what completed and what did not, one line per client that fell short."""
+    problems = [f"{r.get('name') or 'node ' + str(r['node_id'])}: upload rejected: {r['reason']}" for r in rejected]
+    problems += [f"{c['name']}: no evaluation: {c['evaluation_error'] or 'no reply'}"
+                 for c in report_clients if c["test_accuracy"] is None]
+    if error is not None:
+        return "failed", problems
+    return ("partial" if problems else "completed"), problems
+
+
+def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) -> dict[str, Any]:
     clients = []
-    for client in state.clients.values():
-        evaluation = client.evaluation or {}
+    for client in sorted(state.clients.values(), key=lambda c: c.name):
+        upload, evaluation = client.upload, client.evaluation or {}
+        shared = upload.shared
         clients.append({
             "node_id": client.node_id,
-            "name": client.payload.client_name,
-            "num_images": client.payload.num_images,
-            "unreadable_images": client.payload.unreadable_images,
-            "skipped_classes": client.payload.skipped_classes,
-            "classes_uploaded": [cfg.class_names[c] for c in client.payload.class_ids.tolist()],
-            "images_per_class": {cfg.class_names[c]: int(n) for c, n in
-                                 zip(client.payload.class_ids.tolist(), client.payload.counts.tolist())},
-            "payload_shape": client.payload.feature_shape,
+            "name": client.name,
+            "classes_uploaded": [cfg.class_names[c] for c in upload.classes],
+            "prototypes_per_class": upload.prototypes_per_class,
+            "payload_shape": upload.feature_shape,
             "upload_bytes": client.upload_bytes,
             "download_bytes": client.download_bytes,
+            "differential_privacy": None if upload.dp is None else dict(upload.dp.__dict__),
+            # only with share-counts (README "Privacy"): otherwise these stay on the client
+            "shared_counts": None if shared is None else {
+                "num_images": shared.num_images, "unreadable_images": shared.unreadable_images,
+                "skipped_classes": shared.skipped_classes,
+                "images_per_row": None if upload.counts is None else upload.counts.tolist()},
             "test_accuracy": evaluation.get("accuracy"),
             "num_test": evaluation.get("num_test"),
+            "unreadable_test_images": evaluation.get("unreadable_test_images"),
             "per_class_accuracy": evaluation.get("per_class_accuracy"),
             "evaluation_error": evaluation.get("error"),
         })
+    status, problems = run_status(clients, state.rejected, error)
     evaluated = [c for c in clients if c["test_accuracy"] is not None]
     n_test = sum(c["num_test"] for c in evaluated)
-    synthesis = state.synthesis
-    training = state.training
+    synthesis, training = state.synthesis, state.training
+    models = {key: cfg.to_dict()[key] for key in ("captioner", "text-encoder", "diffusion-model")}
+    stand_ins = {model_id: note for model_id in models.values() if (note := stand_in_note(model_id))}
     return {
         "status": status,
         "error": error,
+        "problems": problems,
         "resumed": state.resumed,
+        "models": {"ids": models, "stand_ins": stand_ins},
         "config": cfg.to_dict(),
         "clients": clients,
         "rejected": state.rejected,
@@ -68,20 +98,41 @@ def build_report(cfg: OscarConfig, state: RunState, status: str, error: str | No
             "upload_bytes_total": sum(c["upload_bytes"] for c in clients),
             "download_bytes_total": sum(c["download_bytes"] for c in clients),
         },
+        "stages": stage_timings(state),
         "timings_seconds": {k: round(v, 2) for k, v in state.timings.items()},
     }
 
 
+def stage_timings(state: RunState) -> list[dict[str, Any]]:
+    """One row per server stage that ran: seconds, images and images per second."""
+    rows = []
+    for stage, images in (("upload", None), ("synthesis", state.synthesis.generated if state.synthesis else None),
+                          ("training", state.training_images * state.training.epochs if state.training else None),
+                          ("evaluation", None)):
+        seconds = state.timings.get(stage)
+        if seconds is None:
+            continue
+        rows.append({"stage": stage, "seconds": round(seconds, 2), "images": images,
+                     "images_per_second": round(images / seconds, 3) if images and seconds > 0 else None})
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
-    lines = [
-        "# OSCAR run report", "",
-        f"Status: **{report['status']}**" + (f" — {report['error']}" if report["error"] else ""), "",
-        f"Scheme `{cfg['scheme']}`, diffusion `{cfg['diffusion-model']}`, guidance {cfg['guidance-scale']} "
-        f"(diffusers convention), {cfg['num-inference-steps']} steps, {cfg['images-per-class']} images per "
-        "class per client.", "",
-        "## Clients", "",
-        client_table(report), "",
+    status = f"Status: **{report['status']}**" + (f" — {report['error']}" if report["error"] else "")
+    lines = ["# OSCAR run report", "", status, ""]
+    lines += [f"- {problem}" for problem in report["problems"]]
+    if report["problems"]:
+        lines.append("")
+    if report["models"]["stand_ins"]:
+        lines += ["> **These models are tiny random-weight stand-ins**, not the real checkpoints: captions, prompts "
+                  "and images are noise and accuracy is at chance level. "
+                  f"({', '.join(f'`{m}`' for m in report['models']['stand_ins'])})", ""]
+    lines += [
+        f"Scheme `{cfg['scheme']}`, diffusion `{cfg['diffusion-model']}` (scheduler `{cfg['scheduler']}`), guidance "
+        f"{cfg['guidance-scale']} (diffusers convention), {cfg['num-inference-steps']} steps, "
+        f"{cfg['images-per-class']} images per class per client.", "",
+        "## Clients", "", client_table(report), "",
     ]
     acc = report["accuracy"]
     if acc["mean"] is not None:
@@ -94,6 +145,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Communication", "", "| direction | bytes |", "|---|---:|",
               f"| uploaded (all clients) | {comm['upload_bytes_total']:,} |",
               f"| downloaded (all clients) | {comm['download_bytes_total']:,} |", ""]
+    if report["stages"]:
+        lines += ["## Stages", "", "| stage | seconds | images | images/s |", "|---|---:|---:|---:|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['images'] if s['images'] is not None else '—'} | "
+                  f"{s['images_per_second'] if s['images_per_second'] is not None else '—'} |" for s in report["stages"]]
+        lines.append("")
     syn, train = report["synthesis"], report["training"]
     if syn:
         lines += ["## Synthesis", "", f"{syn['images']} images ({syn['generated_this_run']} generated in this run) "
@@ -111,19 +167,27 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def client_table(report: dict[str, Any]) -> str:
     """The per-client table (Markdown), also what the demo prints."""
-    rows = ["| client | node | images | classes | payload | upload bytes | test acc | test n |",
-            "|---|---:|---:|---:|---|---:|---:|---:|"]
+    rows = ["| client | node | classes | payload | upload bytes | privacy | test acc | test n |",
+            "|---|---:|---:|---|---:|---|---:|---:|"]
     for c in report["clients"]:
         acc = "—" if c["test_accuracy"] is None else f"{c['test_accuracy']:.4f}"
-        rows.append(f"| {c['name']} | {c['node_id']} | {c['num_images']} | {len(c['classes_uploaded'])} | "
-                    f"{'x'.join(map(str, c['payload_shape']))} | {c['upload_bytes']:,} | {acc} | "
+        dp = c["differential_privacy"]
+        privacy = f"DP ε={dp['epsilon']:g}" if dp else "means only"
+        if c["shared_counts"] is not None:
+            privacy += " + counts"
+        rows.append(f"| {c['name']} | {c['node_id']} | {len(c['classes_uploaded'])} | "
+                    f"{'x'.join(map(str, c['payload_shape']))} | {c['upload_bytes']:,} | {privacy} | {acc} | "
                     f"{c['num_test'] if c['num_test'] is not None else '—'} |")
     return "\n".join(rows)
 
 
 def render_samples(run_dir: RunDirectory, state: RunState, class_names: tuple[str, ...],
                    cell: int = 96) -> Path | None:
-    """A grid of synthetic images: one row per class, one column per client (first image of each)."""
+    """A grid of synthetic images: one row per class, one column per client (first image of each).
+
+    With many clients or classes only the first ``SAMPLE_COLUMNS`` clients and ``SAMPLE_ROWS`` classes
+    (by name and id) are drawn, and the picture says how many there are in all.
+    """
     if state.synthesis is None:
         return None
     first: dict[tuple[int, str], Path] = {}
@@ -131,12 +195,14 @@ def render_samples(run_dir: RunDirectory, state: RunState, class_names: tuple[st
         path = run_dir.synthetic_dir / job.relative_path
         if path.exists():
             first.setdefault((job.class_id, job.client), path)
-    clients = sorted({client for _, client in first})
-    rows = sorted({class_id for class_id, _ in first})
-    if not clients:
+    all_clients = sorted({client for _, client in first})
+    all_rows = sorted({class_id for class_id, _ in first})
+    if not all_clients:
         return None
+    clients, rows = all_clients[:SAMPLE_COLUMNS], all_rows[:SAMPLE_ROWS]
     label_w, label_h = 110, 22
-    grid = Image.new("RGB", (label_w + cell * len(clients), label_h + cell * len(rows)), "white")
+    footer = 22 if (len(clients), len(rows)) != (len(all_clients), len(all_rows)) else 0
+    grid = Image.new("RGB", (label_w + cell * len(clients), label_h + cell * len(rows) + footer), "white")
     draw = ImageDraw.Draw(grid)
     for col, client in enumerate(clients):
         draw.text((label_w + col * cell + 4, 4), client[:14], fill="black")
@@ -147,19 +213,29 @@ def render_samples(run_dir: RunDirectory, state: RunState, class_names: tuple[st
             if path is not None:
                 with Image.open(path) as image:
                     grid.paste(image.convert("RGB").resize((cell, cell)), (label_w + col * cell, label_h + row * cell))
+    if footer:
+        draw.text((4, label_h + cell * len(rows) + 4), f"showing {len(clients)} of {len(all_clients)} clients, "
+                  f"{len(rows)} of {len(all_rows)} classes", fill="black")
     buffer = BytesIO()
     grid.save(buffer, format="PNG")
     atomic_write_bytes(run_dir.samples_png, buffer.getvalue())
     return run_dir.samples_png
 
 
-def write_report(cfg: OscarConfig, run_dir: RunDirectory, state: RunState, status: str,
+def write_report(cfg: OscarConfig, run_dir: RunDirectory, state: RunState,
                  error: str | None = None) -> dict[str, Any]:
-    report = build_report(cfg, state, status, error)
-    atomic_write_json(run_dir.report_json, report)
-    atomic_write_bytes(run_dir.report_md, render_markdown(report).encode())
+    """Every artefact first, report.json last: a final report.json means the run's files are complete."""
+    report = build_report(cfg, state, error)
     render_samples(run_dir, state, cfg.class_names)
+    atomic_write_bytes(run_dir.report_md, render_markdown(report).encode())
+    atomic_write_json(run_dir.report_json, report)
     return report
+
+
+def status_line(report: dict[str, Any], run_dir: RunDirectory) -> str:
+    """The last line of a run's log, for scripts: ``OSCAR status: <status> ...``."""
+    detail = report["error"] or "; ".join(report["problems"][:3]) or f"mean accuracy {report['accuracy']['mean']}"
+    return f"OSCAR status: {report['status']} — {detail} (report: {run_dir.report_json})"
 
 
 def _md(text: str) -> str:

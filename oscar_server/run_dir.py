@@ -19,12 +19,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import Upload, upload_from_stored
+
+# A run that got this far is never resumed (its report would be overwritten); a failed one may be.
+FINISHED_STATUSES = ("completed", "partial")
+
+
+class FinishedRunError(RuntimeError):
+    """The named run already finished: resuming it would overwrite its report."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,10 @@ class RunDirectory:
         return self.root / "model.safetensors"
 
     @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
     def report_json(self) -> Path:
         return self.root / "report.json"
 
@@ -74,40 +85,33 @@ class RunDirectory:
     def samples_png(self) -> Path:
         return self.root / "samples.png"
 
-    def save_config(self, cfg: OscarConfig) -> None:
-        atomic_write_json(self.root / "config.json", cfg.to_dict())
+    def finished_status(self) -> str | None:
+        """``completed`` or ``partial`` when the run went through (then it is never resumed), else None."""
+        try:
+            status = json.loads(self.report_json.read_text()).get("status")
+        except (OSError, ValueError):
+            return None
+        return status if status in FINISHED_STATUSES else None
 
-    def save_payload(self, payload: ClientPayload, node_id: int) -> Path:
-        """Persist an accepted upload as safetensors (arrays) + string metadata; never pickle."""
-        path = self.payloads_dir / f"{payload.client_name}.safetensors"
-        metadata = {
-            "node_id": str(node_id),
-            "client_name": payload.client_name,
-            "scheme": payload.scheme,
-            "encoder_id": payload.encoder_id,
-            "num_images": str(payload.num_images),
-            "unreadable_images": str(payload.unreadable_images),
-            "skipped_classes": json.dumps(payload.skipped_classes),
-            "format_version": str(payload.format_version),
-        }
-        blob = save({"class_ids": payload.class_ids, "counts": payload.counts,
-                     "means": np.ascontiguousarray(payload.means)}, metadata=metadata)
-        atomic_write_bytes(path, blob)
+    def save_config(self, cfg: OscarConfig) -> None:
+        atomic_write_json(self.config_path, cfg.to_dict())
+
+    def save_payload(self, upload: Upload, node_id: int) -> Path:
+        """Persist an accepted upload as the wire carried it: its arrays as safetensors and its metadata
+        (the same keys as the wire's metadata record, JSON-encoded), plus the node it came from."""
+        path = self.payloads_dir / f"{upload.client_name}.safetensors"
+        metadata = {key: json.dumps(value) for key, value in upload.meta().items()}
+        metadata["oscar.node-id"] = json.dumps(int(node_id))
+        atomic_write_bytes(path, save(upload.arrays(), metadata=metadata))
         return path
 
-    def load_payload(self, path: Path) -> tuple[ClientPayload, int]:
-        from safetensors import safe_open
-
-        arrays = load_file(str(path))
+    def load_payload(self, path: Path) -> tuple[Upload, int]:
+        """An upload saved by :meth:`save_payload`, validated again by the wire module; never unpickled."""
         with safe_open(str(path), framework="np") as handle:
-            meta = handle.metadata()
-        payload = ClientPayload(
-            class_ids=arrays["class_ids"], counts=arrays["counts"], means=arrays["means"],
-            scheme=meta["scheme"], encoder_id=meta["encoder_id"], client_name=meta["client_name"],
-            num_images=int(meta["num_images"]), unreadable_images=int(meta["unreadable_images"]),
-            skipped_classes=json.loads(meta["skipped_classes"]), format_version=int(meta["format_version"]),
-        )
-        return payload, int(meta["node_id"])
+            meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+        node_id = int(meta.pop("oscar.node-id"))
+        return upload_from_stored(arrays, meta), node_id
 
     def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[dict]) -> None:
         """Mark the upload round as over: (node id, client name, upload bytes) of each accepted upload."""
@@ -116,22 +120,22 @@ class RunDirectory:
             "rejected": rejected,
         })
 
-    def accepted_uploads(self) -> list[ClientPayload]:
-        """The accepted uploads of the finished upload round, ordered by client name (the order every
-        server stage works in, so results do not depend on the order in which uploads arrived)."""
-        saved = self.load_upload_round()
-        if saved is None:
-            raise FileNotFoundError(f"{self.uploads_path} does not exist: the upload round of this run never "
-                                    "finished, so there is nothing to synthesise from")
-        return sorted((payload for payload, _, _ in saved[0]), key=lambda p: p.client_name)
-
-    def load_upload_round(self) -> tuple[list[tuple[ClientPayload, int, int]], list[dict]] | None:
+    def load_upload_round(self) -> tuple[list[tuple[Upload, int, int]], list[dict]] | None:
         """The finished upload round, or None if it never finished (then clients must upload again)."""
         if not self.uploads_path.exists():
             return None
         record = json.loads(self.uploads_path.read_text())
         accepted = []
         for entry in record["accepted"]:
-            payload, node_id = self.load_payload(self.payloads_dir / f"{entry['client_name']}.safetensors")
-            accepted.append((payload, node_id, int(entry["upload_bytes"])))
+            upload, node_id = self.load_payload(self.payloads_dir / f"{entry['client_name']}.safetensors")
+            accepted.append((upload, node_id, int(entry["upload_bytes"])))
         return accepted, list(record["rejected"])
+
+    def accepted_uploads(self) -> list[Upload]:
+        """The accepted uploads of the finished upload round, ordered by client name (the order every
+        server stage works in, so results do not depend on the order in which uploads arrived)."""
+        saved = self.load_upload_round()
+        if saved is None:
+            raise FileNotFoundError(f"{self.uploads_path} does not exist: the upload round of this run never "
+                                    "finished, so there is nothing to synthesise from")
+        return sorted((upload for upload, _, _ in saved[0]), key=lambda u: u.client_name)

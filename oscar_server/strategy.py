@@ -1,14 +1,17 @@
 """OSCAR as a Flower strategy: one upload round, server-side synthesis and training, one broadcast.
 
 Flower's ``Strategy.start`` loop fits OSCAR with ``num_rounds=1`` (whatever ``aggregate_train``
-returns is what ``configure_evaluate`` sends), but OSCAR needs three things it does not give:
+returns is what ``configure_evaluate`` sends), but OSCAR needs things it does not give:
 
 * waiting for ``min-clients`` with a timeout (``sample_nodes`` waits forever);
 * handling each upload the moment it arrives (validated and persisted), not after the last one;
-* broadcasting the final model only to the nodes whose upload was accepted, with a timeout,
-  so one dead client cannot hang the run.
+* broadcasting the final model only to the clients whose upload was accepted, with a timeout,
+  so one dead client cannot hang the run;
+* resuming a run whose upload round is over, on nodes that may carry new ids (a restarted
+  simulation or SuperNode): clients are matched by the name they give, never by node id.
 
-So :meth:`OscarStrategy.start` drives the same four hooks itself with a push/pull loop.
+So :meth:`OscarStrategy.start` drives the same four hooks itself with a push/pull loop. Every message
+and reply is built and read through :mod:`oscar_common.wire`.
 """
 
 from __future__ import annotations
@@ -26,21 +29,28 @@ from flwr.serverapp.strategy import Strategy
 from oscar_common.classifier import TrainStats
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device, resolve_dtype
+from oscar_common.models import text_embedding_dim
 from oscar_common.wire import (
     EVALUATE_MESSAGE_TYPE,
-    INSTRUCTION_KEY,
-    MODEL_KEY,
-    ClientPayload,
+    IDENTIFY_MESSAGE_TYPE,
+    TRAIN_MESSAGE_TYPE,
+    ClientFailure,
+    EvaluateInstruction,
+    Evaluation,
     Expectation,
+    Identity,
     PayloadError,
+    Upload,
     claimed_name,
+    evaluate_content,
     model_record,
-    parse_payload,
+    one_line,
+    parse_upload,
+    train_content,
     wire_size,
 )
-from oscar_common.models import text_embedding_dim
 from oscar_server.pipeline import SynthesisSummary, synthesize, train_on_synthetic
-from oscar_server.run_dir import RunDirectory
+from oscar_server.run_dir import FinishedRunError, RunDirectory
 
 log = logging.getLogger("oscar.server")
 POLL_SECONDS = 1.0
@@ -53,10 +63,14 @@ class NotEnoughClientsError(RuntimeError):
 @dataclass
 class ClientRecord:
     node_id: int
-    payload: ClientPayload
+    upload: Upload
     upload_bytes: int
     download_bytes: int = 0
     evaluation: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.upload.client_name
 
 
 @dataclass
@@ -82,12 +96,11 @@ class OscarStrategy(Strategy):
         self.state = RunState()
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.instruction = cfg.train_instruction()
         # Reading the encoder's config first also fails the run at once if the model is missing here.
-        self._expect = Expectation(scheme=cfg.scheme, encoder_id=cfg.client_encoder_id,
-                                   num_classes=len(cfg.class_names),
-                                   feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id),
-                                   max_bytes=cfg.max_payload_bytes)
-        self._handled: set[str] = set()  # reply message ids already validated
+        self._expect = Expectation.of(self.instruction, max_bytes=cfg.max_payload_bytes,
+                                      feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id))
+        self._handled: set[str] = set()  # reply message ids already handled
         # message id -> node it was sent to: an error reply made by the SuperLink for a dead node
         # carries the SuperLink as sender, so the recipient of the original message is the truth.
         self._recipients: dict[str, int] = {}
@@ -101,11 +114,10 @@ class OscarStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        nodes = self._wait_for_nodes(grid)
-        instruction = ConfigRecord({**self.cfg.client_instruction(), **dict(config)})
+        nodes = self._wait_for_nodes(grid, self.cfg.min_clients)
         log.info("sending the encode instruction to %d nodes", len(nodes))
-        return [Message(content=RecordDict({INSTRUCTION_KEY: instruction}), dst_node_id=node,
-                        message_type="train") for node in nodes]
+        return [Message(content=train_content(self.instruction), dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE)
+                for node in nodes]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -113,11 +125,13 @@ class OscarStrategy(Strategy):
             self.accept_upload(reply)
         accepted = list(self.state.clients.values())
         if len(accepted) < self.cfg.min_clients:
-            raise NotEnoughClientsError(f"{len(accepted)} valid uploads, min-clients is {self.cfg.min_clients}")
+            raise NotEnoughClientsError(f"{len(accepted)} valid uploads, min-clients is {self.cfg.min_clients}"
+                                        + _rejections_hint(self.state.rejected))
 
         started = time.monotonic()
-        payloads = [c.payload for c in accepted]
-        self.state.synthesis = synthesize(self.cfg, payloads, self.run_dir, self.device, self.dtype)
+        # Every stage works in client-name order: the result must not depend on arrival order.
+        uploads = sorted((c.upload for c in accepted), key=lambda u: u.client_name)
+        self.state.synthesis = synthesize(self.cfg, uploads, self.run_dir, self.device, self.dtype)
         self.state.timings["synthesis"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -128,26 +142,20 @@ class OscarStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        content = RecordDict({
-            MODEL_KEY: arrays,
-            INSTRUCTION_KEY: ConfigRecord({
-                "class-names": list(self.cfg.class_names),
-                "seed": self.cfg.seed,
-                "classifier-image-size": self.cfg.classifier_image_size,
-                **dict(config),
-            }),
-        })
+        instruction = EvaluateInstruction(class_names=self.cfg.class_names, seed=self.cfg.seed,
+                                          image_size=self.cfg.classifier_image_size)
+        content = evaluate_content(instruction, arrays)
         size = wire_size(content)
         connected = set(grid.get_node_ids())
         messages = []
-        for node_id, client in self.state.clients.items():
+        for node_id, client in sorted(self.state.clients.items(), key=lambda item: item[1].name):
             if node_id not in connected:  # e.g. gone while the server was synthesising, or before a resume
                 client.evaluation = {"error": "not connected when the model was broadcast"}
-                log.warning("node %s (%s) is not connected: no model sent", node_id, client.payload.client_name)
+                log.warning("client %s (node %s) is not connected: no model sent", client.name, node_id)
                 continue
             client.download_bytes = size
             messages.append(Message(content=content, dst_node_id=node_id, message_type=EVALUATE_MESSAGE_TYPE))
-        log.info("broadcasting the trained model (%d bytes) to %d nodes", size, len(messages))
+        log.info("broadcasting the trained model (%d bytes) to %d clients", size, len(messages))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -155,20 +163,16 @@ class OscarStrategy(Strategy):
             client = self.state.clients.get(self._sender(reply))
             if client is None:
                 continue
-            if reply.has_error():
-                client.evaluation = {"error": reply.error.reason}
-                log.warning("node %s (%s) failed to evaluate: %s", client.node_id, client.payload.client_name,
-                            reply.error.reason)
-                continue
-            metrics = reply.content.metric_records["metrics"]
-            client.evaluation = {
-                "accuracy": float(metrics["accuracy"]),
-                "num_test": int(metrics["num-examples"]),
-                "per_class_accuracy": {self.cfg.class_names[int(c)]: round(float(a), 4) for c, a in
-                                       zip(metrics["per-class-ids"], metrics["per-class-accuracy"])},
-            }
-            log.info("node %s (%s): test accuracy %.4f on %d images", client.node_id, client.payload.client_name,
-                     client.evaluation["accuracy"], client.evaluation["num_test"])
+            try:
+                client.evaluation = self._evaluation_of(reply, client)
+            except PayloadError as exc:
+                client.evaluation = {"error": f"invalid evaluation reply: {exc}"}
+            if "error" in client.evaluation:
+                log.warning("client %s (node %s) did not evaluate: %s", client.name, client.node_id,
+                            client.evaluation["error"])
+            else:
+                log.info("client %s (node %s): test accuracy %.4f on %d images", client.name, client.node_id,
+                         client.evaluation["accuracy"], client.evaluation["num_test"])
         evaluated = [c.evaluation for c in self.state.clients.values() if c.evaluation and "accuracy" in c.evaluation]
         if not evaluated:
             return None
@@ -186,7 +190,9 @@ class OscarStrategy(Strategy):
         if num_rounds != 1:
             raise ValueError("OSCAR is one-shot: num_rounds must be 1")
         self.summary()
-        if not self._resume_upload_round():
+        if self._resume_upload_round():
+            self._find_resumed_clients(grid)
+        else:
             train_messages = list(self.configure_train(1, initial_arrays or ArrayRecord(),
                                                        train_config or ConfigRecord(), grid))
             started = time.monotonic()
@@ -194,8 +200,7 @@ class OscarStrategy(Strategy):
                                    on_reply=self.accept_upload)
             self.state.timings["upload"] = time.monotonic() - started
             self.run_dir.save_upload_round(
-                [(c.node_id, c.payload.client_name, c.upload_bytes) for c in self.state.clients.values()],
-                self.state.rejected)
+                [(c.node_id, c.name, c.upload_bytes) for c in self.state.clients.values()], self.state.rejected)
         arrays, _ = self.aggregate_train(1, [])  # every reply was handled as it arrived
 
         eval_messages = list(self.configure_evaluate(1, arrays, evaluate_config or ConfigRecord(), grid))
@@ -207,6 +212,12 @@ class OscarStrategy(Strategy):
 
     def _resume_upload_round(self) -> bool:
         """Take the uploads of a finished upload round from the run dir instead of asking again."""
+        status = self.run_dir.finished_status()
+        if status is not None:
+            raise FinishedRunError(
+                f"run {self.run_dir.root.name} already finished ({status}; report {self.run_dir.report_json}); "
+                "nothing was changed. Start a new run with another run-name (or an empty run-name for a fresh "
+                "run-<id> folder), e.g. `oscar-config YOUR.toml run-name=NEW --out run.toml`")
         saved = self.run_dir.load_upload_round()
         if saved is None:
             return False
@@ -214,13 +225,38 @@ class OscarStrategy(Strategy):
             raise RuntimeError(f"{self.run_dir.root} already holds a finished upload round: set resume=true "
                                "to continue that run, or choose another run-name")
         accepted, rejected = saved
-        for payload, node_id, upload_bytes in accepted:
-            self.state.clients[node_id] = ClientRecord(node_id=node_id, payload=payload, upload_bytes=upload_bytes)
+        for upload, node_id, upload_bytes in accepted:
+            self.state.clients[node_id] = ClientRecord(node_id=node_id, upload=upload, upload_bytes=upload_bytes)
         self.state.rejected = rejected
         self.state.resumed = True
         log.info("resuming %s: %d uploads from the run dir, no new upload round (%d rejected before)",
                  self.run_dir.root, len(accepted), len(rejected))
         return True
+
+    def _find_resumed_clients(self, grid: Grid) -> None:
+        """Node ids can change between runs (a restarted SuperNode, a new simulation): ask the connected
+        nodes who they are and attach each saved upload to the node that now carries its client name."""
+        wanted = len(self.state.clients)
+        nodes = self._wait_for_nodes(grid, wanted, required=False)
+        if {record.node_id for record in self.state.clients.values()} <= set(nodes):
+            return  # the same nodes as before
+        messages = [Message(content=RecordDict(), dst_node_id=node, message_type=IDENTIFY_MESSAGE_TYPE)
+                    for node in nodes]
+        names: dict[str, int] = {}
+        for reply in self._send_and_collect(grid, messages, min(60.0, self.cfg.evaluate_timeout), "identify"):
+            if not reply.has_error():
+                try:
+                    names[Identity.from_content(reply.content).client_name] = self._sender(reply)
+                except PayloadError:
+                    continue
+        records = list(self.state.clients.values())
+        self.state.clients = {}
+        for record in records:
+            record.node_id = names.get(record.name, record.node_id)
+            self.state.clients[record.node_id] = record
+        log.info("resumed clients found on the connected nodes: %s",
+                 ", ".join(f"{r.name} -> node {r.node_id}" if r.name in names else f"{r.name} (not connected)"
+                           for r in records))
 
     def accept_upload(self, reply: Message) -> None:
         """Validate one upload and persist it at once; a bad one is logged and rejected."""
@@ -229,22 +265,43 @@ class OscarStrategy(Strategy):
         self._handled.add(reply.metadata.message_id)
         node_id = self._sender(reply)
         if reply.has_error():
-            self._reject(node_id, f"client error: {reply.error.reason}")
+            log.debug("node %s replied with an error:\n%s", node_id, reply.error.reason)
+            self._reject(node_id, f"client error: {one_line(reply.error.reason)}")
+            return
+        failure = ClientFailure.from_content(reply.content)
+        if failure is not None:
+            self._reject(node_id, f"client failed: {failure.reason}", failure.client_name)
             return
         try:
-            payload = parse_payload(reply.content, self._expect)
+            upload = parse_upload(reply.content, self._expect)
         except PayloadError as exc:
             self._reject(node_id, f"invalid payload: {exc}", claimed_name(reply.content))
             return
-        if any(c.payload.client_name == payload.client_name for c in self.state.clients.values()):
-            payload.client_name = f"{payload.client_name}-{node_id}"  # names must be unique on disk
-        record = ClientRecord(node_id=node_id, payload=payload, upload_bytes=wire_size(reply.content))
+        if any(c.name == upload.client_name for c in self.state.clients.values()):
+            upload.client_name = f"{upload.client_name}-{node_id}"  # names must be unique on disk
+        record = ClientRecord(node_id=node_id, upload=upload, upload_bytes=wire_size(reply.content))
         self.state.clients[node_id] = record
-        path = self.run_dir.save_payload(payload, node_id)
-        log.info("accepted upload from node %s (%s): %d classes, means %s, %d bytes -> %s", node_id,
-                 payload.client_name, len(payload.class_ids), payload.feature_shape, record.upload_bytes, path.name)
+        path = self.run_dir.save_payload(upload, node_id)
+        log.info("accepted upload from node %s (%s): %d classes, means %s, %d bytes%s -> %s", node_id,
+                 upload.client_name, len(upload.classes), upload.feature_shape, record.upload_bytes,
+                 f", DP epsilon {upload.dp.epsilon:g}" if upload.dp else "", path.name)
 
     # ------------------------------------------------------------------ helpers
+    def _evaluation_of(self, reply: Message, client: ClientRecord) -> dict[str, Any]:
+        if reply.has_error():
+            log.debug("client %s's evaluation raised:\n%s", client.name, reply.error.reason)
+            return {"error": one_line(reply.error.reason)}
+        failure = ClientFailure.from_content(reply.content)
+        if failure is not None:
+            return {"error": failure.reason}
+        result = Evaluation.from_content(reply.content, len(self.cfg.class_names))
+        return {
+            "accuracy": result.accuracy,
+            "num_test": result.num_examples,
+            "unreadable_test_images": result.unreadable_images,
+            "per_class_accuracy": {self.cfg.class_names[c]: round(a, 4) for c, a in sorted(result.per_class.items())},
+        }
+
     def _sender(self, reply: Message) -> int:
         return self._recipients.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
@@ -252,18 +309,26 @@ class OscarStrategy(Strategy):
         log.warning("rejected node %s%s: %s", node_id, f" ({name})" if name else "", reason)
         self.state.rejected.append({"node_id": node_id, "name": name, "reason": reason})
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+    def _wait_for_nodes(self, grid: Grid, count: int, required: bool = True) -> list[int]:
+        """Until ``count`` nodes are connected; past the timeout, fail (``required``) or go on with those there."""
         deadline = time.monotonic() + self.cfg.wait_for_clients_timeout
+        last_seen = -1
         while True:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.cfg.min_clients:
+            if len(nodes) >= count:
                 return nodes
             if time.monotonic() > deadline:
+                if not required:
+                    log.warning("only %d of %d nodes connected within %.0fs; going on with them", len(nodes),
+                                count, self.cfg.wait_for_clients_timeout)
+                    return nodes
                 raise NotEnoughClientsError(
-                    f"only {len(nodes)} of min-clients={self.cfg.min_clients} nodes connected within "
+                    f"only {len(nodes)} of min-clients={count} nodes connected within "
                     f"{self.cfg.wait_for_clients_timeout:.0f}s (wait-for-clients-timeout)")
-            log.info("waiting for clients: %d connected, %d required", len(nodes), self.cfg.min_clients)
-            time.sleep(2 * POLL_SECONDS)
+            if len(nodes) != last_seen:  # one line per change, not one per poll
+                log.info("waiting for clients: %d connected, %d required", len(nodes), count)
+                last_seen = len(nodes)
+            time.sleep(POLL_SECONDS)
 
     def _send_and_collect(self, grid: Grid, messages: list[Message], timeout: float, what: str,
                           on_reply: Callable[[Message], None] | None = None) -> list[Message]:
@@ -284,9 +349,19 @@ class OscarStrategy(Strategy):
                 time.sleep(POLL_SECONDS)
         for node_id in pending.values():
             reason = f"no {what} reply within {timeout:.0f}s"
-            if node_id in self.state.clients:  # uploaded, but did not evaluate
-                self.state.clients[node_id].evaluation = {"error": reason}
+            if what == "identify":
                 log.warning("node %s: %s", node_id, reason)
+            elif node_id in self.state.clients:  # uploaded, but did not evaluate
+                self.state.clients[node_id].evaluation = {"error": reason}
+                log.warning("client %s (node %s): %s", self.state.clients[node_id].name, node_id, reason)
             else:
                 self._reject(node_id, reason)
         return replies
+
+
+def _rejections_hint(rejected: list[dict[str, Any]]) -> str:
+    """The first rejection reasons, so the failure line says why without opening the report."""
+    if not rejected:
+        return ""
+    shown = "; ".join(f"{r.get('name') or 'node ' + str(r['node_id'])}: {r['reason']}" for r in rejected[:3])
+    return f" (rejected: {shown}{' ...' if len(rejected) > 3 else ''})"

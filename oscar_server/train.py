@@ -2,8 +2,9 @@
 
 Run by the server after synthesis, or by hand (after a crash, or with other settings)::
 
-    oscar-train RUN_DIR [--fresh] [--set key=value ...]       # one process
-    torchrun --nproc_per_node 8 -m oscar_server.train RUN_DIR   # or: accelerate launch -m oscar_server.train
+    oscar-train RUN_DIR [--fresh] [--set key=value ...]
+    python -m oscar_server.train RUN_DIR ...
+    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.train RUN_DIR
 
 It reads the run directory only: ``config.json`` (overridden by ``--set``), the accepted uploads
 (``uploads.json``), the synthetic images ``synthetic/<class>/<client>__c<id>__<index>.png`` of those uploads
@@ -15,37 +16,48 @@ the list of training images) are recorded in ``stages/training.json``; a checkpo
 other settings is never reused (the stage stops and says what changed). ``--fresh`` removes the
 checkpoint, the model, the summary and that record. A finished model with the same settings is reused
 at once.
+
+Under ``accelerate launch`` or ``torchrun`` (``num-processes``; :mod:`oscar_server.stage_launcher`) every
+process trains on its part of each global batch (:mod:`oscar_common.training`): 1 and N processes train
+the same model, up to float rounding.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch.distributed as dist
+from accelerate import PartialState
+from safetensors import safe_open
 
 from oscar_common.classifier import ARCHITECTURE, build_classifier, classifier_to_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device
 from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
-from oscar_common.image_cache import decode_images
-from oscar_common.logs import setup_logging
+from oscar_common.image_cache import decode_images, decode_workers
 from oscar_common.recipes import resolve_recipe
 from oscar_common.training import train_classifier
 from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_settings_path
 from oscar_server.run_dir import RunDirectory
+from oscar_server.stage_cli import load_stage_config, open_run_directory, setup_stage_logging, stage_arguments
+from oscar_server.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")
 
 STAGE = "training"
+FRESH_HINT = "oscar-train RUN_DIR --fresh"
+# Processes wait for each other at collectives: while the first one writes a checkpoint or the model, or
+# decodes a larger share. NCCL's default 10 minutes is tight for a slow disk; nothing here waits longer.
+TIMEOUT = timedelta(minutes=30)
+SUMMARY_METADATA = "oscar.training-summary"  # model.safetensors carries its summary (the launcher
+# deletes stages/training-summary.json before each run; a reused model writes it again from there)
 T = TypeVar("T")
 
 
@@ -83,53 +95,65 @@ class TrainingSummary:
     devices: list[str] = field(default_factory=list)
     precision: str = "fp32"
 
+    stage: str = STAGE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "TrainingSummary":
+        return cls(**record)
+
     @classmethod
     def load(cls, path: Path) -> "TrainingSummary":
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def summary_path(run_root: Path) -> Path:
-    return Path(run_root) / "stages" / "training-summary.json"
+def summary_path(run_dir: RunDirectory) -> Path:
+    return run_dir.root / "stages" / f"{STAGE}-summary.json"
 
 
 # ------------------------------------------------------------------------------------------ stage
-def train_run(run_dir: Path, cfg: OscarConfig, *, fresh: bool = False) -> TrainingSummary:
+def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = False) -> TrainingSummary:
     """Train (or resume, or reuse) the run's classifier; the same call in every process of a launch."""
     started = time.perf_counter()
-    run = RunDirectory(Path(run_dir).resolve())
-    state = _process_state(cfg)
-    device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(Path(run_dir).expanduser().resolve())
+    # 1. Processes and devices: one per GPU under a launcher, else the configured device.
+    device = resolve_device(cfg.device)
+    state = PartialState(cpu=device.type == "cpu", timeout=TIMEOUT)
+    if state.num_processes > 1:
+        device = state.device  # this process's GPU (or CPU share)
     recipe = resolve_recipe(cfg.train_recipe, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
-    fresh_hint = f"oscar-train {run.root} --fresh"
 
-    # 1. List the training images and decide, on the first process, whether anything can be reused.
+    # 2. The training images; then, once, resume safety and whether a finished model can be reused.
     items = training_images(run, cfg)
     settings = {
         "architecture": ARCHITECTURE, "recipe": recipe.settings(), "classifier-image-size": cfg.classifier_image_size,
         "classifier-pretrained": cfg.classifier_pretrained, "seed": cfg.seed, "class-names": list(cfg.class_names),
         "training-images": {"count": len(items), "sha256": _digest(p for p, _ in items)},
     }
-    reuse = _on_first_process(state, lambda: _prepare_outputs(run, settings, fresh=fresh, fresh_hint=fresh_hint))
+    reuse = _on_first_process(state, lambda: _prepare_outputs(run, settings, fresh=fresh))
     if reuse is not None:
-        log.info("training: reusing %s (trained with the same settings; %s to retrain)", run.model_path, fresh_hint)
+        if state.is_main_process:
+            log.info("training: reusing %s, trained with the same settings (%s retrains)", run.model_path, FRESH_HINT)
         return reuse
 
-    # 2. Decode every image once into a uint8 cache on the training device.
+    # 3. Every image decoded once into a uint8 cache on the training device.
     cache_side = recipe.cache_size(cfg.classifier_image_size)
     if state.is_main_process:
         log.info("training ResNet-18 (%s recipe: %d epochs, batch %d, lr %g) on %d synthetic images of %d "
                  "classes, %d process(es) on %s", recipe.name, recipe.epochs, recipe.batch_size, recipe.lr,
                  len(items), len(cfg.class_names), state.num_processes, device)
     data = decode_images([run.root / p for p, _ in items], [label for _, label in items], side=cache_side,
-                         device=device, num_workers=_decode_workers(cfg.decode_workers, len(items), state.num_processes),
+                         device=device, num_workers=decode_workers(cfg.decode_workers, len(items), state.num_processes),
                          names=[p for p, _ in items])
 
-    # 3. Train from the checkpoint if there is one, and keep the best epoch's weights.
+    # 4. Train, from the checkpoint if there is one; the model ends with the best epoch's weights.
     model = build_classifier(len(cfg.class_names), pretrained=cfg.classifier_pretrained, seed=cfg.seed)
     stats = train_classifier(model, data, recipe=recipe, image_size=cfg.classifier_image_size, seed=cfg.seed,
                              device=device, precision=cfg.train_precision, checkpoint=run.checkpoint_path)
 
-    # 4. The first process writes the model, then the summary (its presence marks the stage finished).
+    # 5. The first process writes the model (its summary inside), then the summary file.
     devices = _all_devices(state, str(device))
     summary = TrainingSummary(
         status="trained", model=str(run.model_path), recipe=recipe.settings(), image_size=cfg.classifier_image_size,
@@ -137,82 +161,78 @@ def train_run(run_dir: Path, cfg: OscarConfig, *, fresh: bool = False) -> Traini
         unreadable_images=len(data.unreadable), unreadable=data.unreadable, epochs=stats.epochs,
         epochs_run=stats.epochs_run, resumed_from_epoch=stats.resumed_from_epoch, best_epoch=stats.best_epoch,
         train_accuracy=stats.train_accuracy, losses=stats.losses, accuracies=stats.accuracies, lrs=stats.lrs,
-        decode_seconds=round(data.seconds, 3), train_seconds=round(stats.seconds, 3),
-        images_per_second=round(stats.images_per_second, 1), processes=stats.processes, devices=devices,
-        precision=stats.precision,
+        seconds=round(time.perf_counter() - started, 3), decode_seconds=round(data.seconds, 3),
+        train_seconds=round(stats.seconds, 3), images_per_second=round(stats.images_per_second, 1),
+        processes=stats.processes, devices=devices, precision=stats.precision,
     )
-    summary.seconds = round(time.perf_counter() - started, 3)
     if state.is_main_process:
-        metadata = {"recipe": recipe.name, "best-epoch": str(stats.best_epoch),
-                    "train-accuracy": f"{stats.train_accuracy:.6f}"}
+        metadata = {"recipe": recipe.name, SUMMARY_METADATA: json.dumps(summary.to_dict())}
         atomic_write_bytes(run.model_path, classifier_to_bytes(model.cpu(), metadata, class_names=cfg.class_names))
-        atomic_write_json(summary_path(run.root), asdict(summary))
-        log.info("training: best epoch %d/%d, train accuracy %.4f, %.0f img/s; model in %s", stats.best_epoch,
-                 stats.epochs, stats.train_accuracy, stats.images_per_second, run.model_path)
-    if state.num_processes > 1:
-        dist.barrier()
+        atomic_write_json(summary_path(run), summary.to_dict())
+        log.info("training done: best epoch %d/%d, train accuracy %.4f, %.0f img/s on %s; model in %s",
+                 stats.best_epoch, stats.epochs, stats.train_accuracy, stats.images_per_second, ", ".join(devices),
+                 run.model_path)
+    state.wait_for_everyone()
     return summary
 
 
 def training_images(run: RunDirectory, cfg: OscarConfig) -> list[tuple[str, int]]:
-    """(path relative to the run dir, class id) of every training image, by client then class then index.
+    """(path relative to the run dir, class id) of the training images, in (client, class, index) order:
+    the first ``images-per-class`` synthetic images of every client and class of the accepted uploads.
 
-    Raises :class:`SyntheticSetIncomplete` when a client and class of the accepted uploads has fewer
-    than ``images-per-class`` images: training on a half-synthesised set would be silently wrong.
+    Raises :class:`SyntheticSetIncomplete` when a client and class has fewer: training on a half-made
+    synthetic set would be silently wrong.
     """
     folders = [safe_filename(name) for name in cfg.class_names]
-    if len(set(folders)) != len(folders):
-        raise ValueError(f"class names {list(cfg.class_names)} share a folder name once made file-safe")
-    items: list[tuple[str, int]] = []
-    short: list[str] = []
-    for payload in run.accepted_uploads():  # sorted by client name
-        for class_id in payload.class_ids.tolist():
-            folder = run.synthetic_dir / folders[class_id]
-            pattern = f"{safe_filename(payload.client_name)}__c{class_id:04d}__*.png"
-            files = sorted(folder.glob(pattern))[:cfg.images_per_class]
-            if len(files) < cfg.images_per_class:
-                short.append(f"{payload.client_name}/{cfg.class_names[class_id]}: {len(files)}")
-            items += [(f.relative_to(run.root).as_posix(), class_id) for f in files]
+    wanted = {(safe_filename(upload.client_name), class_id): upload.client_name
+              for upload in run.accepted_uploads() for class_id in upload.classes}
+    found: dict[tuple[str, int], list[Path]] = {key: [] for key in wanted}
+    for image in synthetic_images(run.synthetic_dir):  # sorted by (client, class id, index)
+        key = (image.client, image.class_id)
+        if key in found and image.index < cfg.images_per_class and image.path.parent.name == folders[image.class_id]:
+            found[key].append(image.path)
+    short = [f"{wanted[key]}/{cfg.class_names[key[1]]}: {len(paths)}" for key, paths in found.items()
+             if len(paths) < cfg.images_per_class]
     if short:
         raise SyntheticSetIncomplete(
             f"the synthetic set in {run.synthetic_dir} is incomplete: {len(short)} (client, class) pair(s) have "
             f"fewer than images-per-class={cfg.images_per_class} images ({', '.join(short[:5])}"
             f"{' ...' if len(short) > 5 else ''}). Run the synthesis stage first: oscar-synthesize {run.root}")
-    return items
+    return [(path.relative_to(run.root).as_posix(), class_id)
+            for (_, class_id), paths in sorted(found.items()) for path in paths]
 
 
-def _prepare_outputs(run: RunDirectory, settings: dict[str, Any], *, fresh: bool,
-                     fresh_hint: str) -> TrainingSummary | None:
-    """--fresh; refuse outputs of other or unknown settings; the finished summary if it can be reused."""
-    outputs = (run.checkpoint_path, run.model_path, summary_path(run.root))
+def discard_training(run: RunDirectory) -> None:
+    """``--fresh``: remove the checkpoint, the model, the summary and the settings record."""
+    for path in (run.checkpoint_path, run.model_path, summary_path(run)):
+        path.unlink(missing_ok=True)
+    forget_stage(run.root, STAGE)
+    log.info("discarded the training outputs in %s", run.root)
+
+
+def _prepare_outputs(run: RunDirectory, settings: dict[str, Any], *, fresh: bool) -> TrainingSummary | None:
+    """--fresh; refuse outputs of other or unknown settings; the summary of a finished model to reuse."""
     if fresh:
-        for path in outputs:
-            path.unlink(missing_ok=True)
-        forget_stage(run.root, STAGE)
-        log.info("training: --fresh: removed the checkpoint, model and settings record of %s", run.root)
-    if not stage_settings_path(run.root, STAGE).exists() and any(p.exists() for p in outputs):
-        found = ", ".join(p.name for p in outputs if p.exists())
-        raise StageSettingsChanged(f"{run.root} holds training outputs ({found}) but no record of the settings "
-                                   f"that made them, so they cannot be reused safely; start afresh: {fresh_hint}")
-    check_stage_settings(run.root, STAGE, settings, fresh_hint=fresh_hint)
-    if run.model_path.exists() and summary_path(run.root).exists():
-        summary = TrainingSummary.load(summary_path(run.root))
-        summary.status = "reused"
-        atomic_write_json(summary_path(run.root), asdict(summary))
-        return summary
-    return None
+        discard_training(run)
+    outputs = [p for p in (run.checkpoint_path, run.model_path) if p.exists()]
+    if outputs and not stage_settings_path(run.root, STAGE).exists():
+        raise StageSettingsChanged(
+            f"{run.root} holds training outputs ({', '.join(p.name for p in outputs)}) but no record of the "
+            f"settings that made them, so they cannot be reused safely; start afresh: {FRESH_HINT}")
+    check_stage_settings(run.root, STAGE, settings, fresh_hint=FRESH_HINT)
+    if not run.model_path.exists():
+        return None
+    with safe_open(str(run.model_path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get(SUMMARY_METADATA)
+    if recorded is None:
+        return None  # a model without its summary: train again (from the checkpoint, so quickly)
+    summary = TrainingSummary.from_dict({**json.loads(recorded), "status": "reused"})
+    atomic_write_json(summary_path(run), summary.to_dict())
+    return summary
 
 
 # -------------------------------------------------------------------------------- processes
-def _process_state(cfg: OscarConfig):
-    """accelerate's view of this process (one, or one of a torchrun / accelerate launch group)."""
-    from accelerate import PartialState
-
-    cpu = resolve_device(cfg.device).type == "cpu"
-    return PartialState(cpu=cpu)
-
-
-def _on_first_process(state, work: Callable[[], T]) -> T:
+def _on_first_process(state: PartialState, work: Callable[[], T]) -> T:
     """Run ``work`` on the first process only and give every process its result (or its error)."""
     if state.num_processes == 1:
         return work()
@@ -234,7 +254,7 @@ def _on_first_process(state, work: Callable[[], T]) -> T:
     return outcome[0]
 
 
-def _all_devices(state, device: str) -> list[str]:
+def _all_devices(state: PartialState, device: str) -> list[str]:
     if state.num_processes == 1:
         return [device]
     devices: list[str | None] = [None] * state.num_processes
@@ -242,58 +262,23 @@ def _all_devices(state, device: str) -> list[str]:
     return [str(d) for d in devices]
 
 
-def _decode_workers(setting: int, images: int, processes: int) -> int:
-    """-1: none for a few images (starting workers costs more), else the CPUs this process may use."""
-    if setting >= 0:
-        return setting
-    if images < 64:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cpus // processes - 1))
-
-
 def _digest(paths: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> OscarConfig:
-    """``<run dir>/config.json`` with ``key=value`` overrides (run-config spelling, e.g. ``epochs=5``)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not an OSCAR run directory")
-    values = json.loads(path.read_text())
-    known = OscarConfig().to_dict()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {item!r}")
-        if key not in known:
-            raise ValueError(f"--set {key}: not a run-config key (known: {', '.join(sorted(known))})")
-        values[key] = value
-    return OscarConfig.from_run_config(values)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oscar-train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="the run directory (holds config.json and synthetic/)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="remove the checkpoint, model and settings record first, and train from the start")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run-config key for this training (repeatable), e.g. --set epochs=5")
-    args = parser.parse_args(argv)
-    setup_logging()
+def main(argv: list[str] | None = None) -> None:
+    args = stage_arguments("oscar-train", "OSCAR's training stage: synthetic images -> ResNet-18 "
+                           "(model.safetensors), resumable, on one or (under accelerate launch) several "
+                           "GPUs").parse_args(argv)
+    setup_stage_logging()
+    run_dir = open_run_directory(args.run_dir)
     try:
-        cfg = load_run_config(args.run_dir, args.overrides)
-        train_run(args.run_dir, cfg, fresh=args.fresh)
+        cfg = load_stage_config(run_dir, args.overrides)
+        train_run(run_dir, cfg, fresh=args.fresh)
     except (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError) as exc:
-        print(f"oscar-train: error: {exc}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":  # one line per launch, not per process
-        print(summary_path(Path(args.run_dir).resolve()))
-    return 0
+        raise SystemExit(f"oscar-train: {exc}") from exc  # said plainly, without a traceback
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -65,6 +65,31 @@ def test_unknown_class_folder_is_skipped_with_warning(client_dir, caplog):
     assert "dog" in caplog.text and "yak" in caplog.text
 
 
+def test_class_names_sharing_nothing_with_the_folders_say_so(client_dir):
+    with pytest.raises(DataDirError) as info:
+        scan_image_folder(client_dir, class_names=["airplane", "axe", "clock"])
+    message = str(info.value)
+    assert "none of the 4 class folders" in message and "is a class of this federation" in message
+    assert "'cat', 'dog'" in message and "'airplane', 'axe', 'clock'" in message
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from oscar_common.data import ImageListDataset, collate_readable
+    good = tmp_path / "good.png"
+    Image.new("RGB", (4, 4), "red").save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    dataset = ImageListDataset([(good, 0), (bad, 1), (good, 2)], transform=lambda im: torch.zeros(1),
+                               skip_unreadable=True)
+    batches = list(DataLoader(dataset, batch_size=3, collate_fn=collate_readable))
+    inputs, labels, skipped = batches[0]
+    assert labels.tolist() == [0, 2] and skipped == 1
+    with pytest.raises(OSError, match="cannot read image .*bad.png"):
+        ImageListDataset([(bad, 1)])[0]
+
+
 def test_missing_or_empty_dirs_raise_clear_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(DataDirError, match=f"{missing}.*does not exist.*<class_name>"):

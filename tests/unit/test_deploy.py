@@ -7,6 +7,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from oscar_deploy import certs, launch
 
 
 # ---------------------------------------------------------------------------------------------- certificates
-def test_certificates_and_supernode_keys(tmp_path: Path) -> None:
+def test_certificates_and_supernode_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert certs.main(["--out", str(tmp_path), "--server-name", "link.example", "--ip", "10.213.77.1",
                        "--supernode", "a"]) == 0
     ca = x509.load_pem_x509_certificate((tmp_path / certs.CA_CERT).read_bytes())
@@ -32,6 +33,10 @@ def test_certificates_and_supernode_keys(tmp_path: Path) -> None:
     public = load_ssh_public_key((tmp_path / "supernodes" / "a.pub").read_bytes())
     assert private.curve.name == "secp384r1" and uses_nist_ec_curve(public)
     assert private.public_key().public_numbers() == public.public_numbers()
+    # it says what it wrote and what to do next
+    printed = capsys.readouterr().out
+    assert "supernodes/a.key  (SuperNode private key: copy to that client only)" in printed
+    assert "flwr supernode register" in printed and "oscar-supernode --superlink" in printed
     # never overwrite an existing server certificate
     assert certs.main(["--out", str(tmp_path), "--ip", "10.213.77.2"]) == 1
 
@@ -48,10 +53,14 @@ def test_supernode_refuses_a_wrong_address_or_missing_certificate(tmp_path: Path
     bad_address = _supernode_cli("--superlink", "10.213.77.1", "--insecure", "--data-dir", str(data))
     assert bad_address.returncode == 2 and "is not HOST:PORT" in bad_address.stderr
     missing = _supernode_cli("--superlink", "10.213.77.1:8000", "--root-certificates", str(tmp_path / "ca.crt"),
-                             "--data-dir", str(data))
+                             "--no-auth", "--data-dir", str(data))
     assert missing.returncode == 2 and "ca.crt' does not exist" in missing.stderr
     neither = _supernode_cli("--superlink", "10.213.77.1:8000", "--data-dir", str(data))
     assert neither.returncode == 2 and "--root-certificates" in neither.stderr
+    certs.make_ca(tmp_path)
+    keyless = _supernode_cli("--superlink", "10.213.77.1:8000", "--root-certificates", str(tmp_path / "ca.crt"),
+                             "--data-dir", str(data))
+    assert keyless.returncode == 2 and "no --auth-key: the SuperLink accepts only registered SuperNodes" in keyless.stderr
 
 
 def test_supernode_detects_a_certificate_for_another_address(tmp_path: Path) -> None:
@@ -80,3 +89,22 @@ def test_superlink_without_tls_material_fails_clearly(tmp_path: Path) -> None:
         launch.superlink_command(tmp_path)
 
 
+def test_a_second_supernode_on_one_host_gets_the_next_free_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert launch.free_local_port("127.0.0.1", port) > port
+
+
+def test_connections_are_added_to_an_existing_flower_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appending a second [superlink] table broke ~/.flwr/config.toml; oscar-connection merges through Flower."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    certs.make_ca(tmp_path / "certs")
+    ca = tmp_path / "certs" / certs.CA_CERT
+    assert launch.connection_main(["oscar", "--address", "10.213.77.1:8000", "--root-certificates", str(ca)]) == 0
+    assert launch.connection_main(["oscar", "--address", "10.213.77.9:8000", "--root-certificates", str(ca),
+                                   "--default"]) == 0
+    config = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
+    assert config["default"] == "oscar" and config["local"] == {"address": ":local:"}
+    assert config["oscar"] == {"address": "10.213.77.9:8000", "root-certificates": str(ca.resolve())}

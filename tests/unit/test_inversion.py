@@ -3,13 +3,20 @@ real 49408-token BPE vocabulary)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.text_encoding import encode_pooled
 from oscar_demo.tiny import save_tiny_clip
-from oscar_server.inversion import invert_embeddings, projected_text_embeds
+from oscar_server.inversion import (
+    CPU_CHUNK_SIZE,
+    invert_embeddings,
+    inversion_chunk_size,
+    projected_text_embeds,
+)
 
 PROMPT_TOKENS = 8
 
@@ -61,7 +68,8 @@ def test_inversion_beats_random_prompts(clip):
     random_mean = (encode_pooled(_random_prompts(tokenizer, 50, seed=3), tokenizer, model) @ targets.T).mean()
 
     flags = [p.requires_grad for p in model.parameters()]
-    results = invert_embeddings(targets, tokenizer, model, num_tokens=PROMPT_TOKENS, steps=100, seed=0)
+    results = invert_embeddings(targets, tokenizer, model, num_tokens=PROMPT_TOKENS, steps=100, lr=0.1, seed=0,
+                                chunk_size=0)
 
     assert len(results) == 4
     cosines = torch.tensor([r.cosine for r in results])
@@ -80,7 +88,8 @@ def test_inversion_is_deterministic_given_seed(clip):
     tokenizer, model = clip
     # Means of normalised embeddings, not unit length: the inversion must normalise them itself.
     targets = encode_pooled(_random_prompts(tokenizer, 6, seed=4), tokenizer, model).view(3, 2, -1).mean(1)
-    run = lambda seed: invert_embeddings(targets, tokenizer, model, num_tokens=4, steps=12, seed=seed, eval_every=4)
+    run = lambda seed: invert_embeddings(targets, tokenizer, model, num_tokens=4, steps=12, lr=0.1, seed=seed,
+                                         chunk_size=0, eval_every=4)
     first, again, other = run(0), run(0), run(1)
     assert first == again
     assert [r.text for r in first] != [r.text for r in other]
@@ -89,4 +98,35 @@ def test_inversion_is_deterministic_given_seed(clip):
 def test_rejects_targets_of_the_wrong_dimension(clip):
     tokenizer, model = clip
     with pytest.raises(ValueError, match="projects to 512"):
-        invert_embeddings(torch.randn(2, 768), tokenizer, model, steps=1)
+        invert_embeddings(torch.randn(2, 768), tokenizer, model, num_tokens=4, steps=1, lr=0.1, seed=0, chunk_size=0)
+
+
+def test_chunked_inversion_gives_the_results_of_one_batch(clip):
+    """Chunks of 1, 3 and all 7 targets: the same prompts, and the same cosines up to the float rounding
+    of batched matmuls (a CPU GEMM's last bit depends on how many rows it multiplies at once)."""
+    tokenizer, model = clip
+    targets = encode_pooled(_random_prompts(tokenizer, 7, seed=5), tokenizer, model)
+    runs = {size: invert_embeddings(targets, tokenizer, model, num_tokens=4, steps=15, lr=0.1, seed=0,
+                                    chunk_size=size, eval_every=3) for size in (1, 3, 7)}
+    texts = {size: [r.text for r in results] for size, results in runs.items()}
+    assert texts[1] == texts[3] == texts[7]
+    assert len(set(texts[7])) == 7  # seven different prompts: the chunks did not all start alike
+    for size in (1, 3):
+        torch.testing.assert_close(torch.tensor([r.cosine for r in runs[size]]),
+                                   torch.tensor([r.cosine for r in runs[7]]), atol=1e-5, rtol=0)
+
+
+def test_chunk_size_from_free_gpu_memory(clip, monkeypatch):
+    _, model = clip
+    assert inversion_chunk_size(model, 16) == CPU_CHUNK_SIZE  # on CPU: fixed
+    gpu_model = lambda hidden: SimpleNamespace(device=torch.device("cuda", 0),
+                                               config=SimpleNamespace(hidden_size=hidden, num_hidden_layers=12))
+    free = {"bytes": 130e9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free["bytes"]), int(141e9)))
+    # An idle H200: all 540 DomainNet means (6 clients x 90 classes) in one chunk, using half the memory.
+    assert inversion_chunk_size(gpu_model(512), 16) == 4443
+    free["bytes"] = 8e9
+    assert inversion_chunk_size(gpu_model(512), 16) == 273
+    assert inversion_chunk_size(gpu_model(768), 8) == 328  # wider tower, shorter prompts
+    free["bytes"] = 1e6
+    assert inversion_chunk_size(gpu_model(512), 16) == 1

@@ -9,10 +9,26 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
-from transformers import BlipForConditionalGeneration, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipForConditionalGeneration,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+)
 
+from oscar_client.captioning import Captioner
 from oscar_common import models
-from oscar_demo.tiny import CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, SD_IMAGE_SIZE, TEXT_HIDDEN, install_tiny_models
+from oscar_demo.tiny import (
+    BLIP2_ID,
+    CAPTIONER_ID,
+    CLIP_ID,
+    DIFFUSION_ID,
+    SD_IMAGE_SIZE,
+    TEXT_HIDDEN,
+    install_tiny_blip2,
+    install_tiny_models,
+)
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -46,6 +62,44 @@ def test_captioner_by_hub_id(offline_hub: Path) -> None:
     inputs = processor(images=[Image.new("RGB", (40, 30), "red")], return_tensors="pt")
     text = processor.batch_decode(model.generate(**inputs, max_new_tokens=8), skip_special_tokens=True)[0]
     assert text.strip() and "[DEC]" not in text
+
+
+def test_blip2_captioner_by_hub_id(offline_hub: Path) -> None:
+    snapshot = install_tiny_blip2(offline_hub)
+    processor, model = models.load_captioner(BLIP2_ID, CPU, F32)  # chosen by the config's model_type
+    assert isinstance(model, Blip2ForConditionalGeneration) and isinstance(processor, Blip2Processor)
+    assert model.config.text_config.model_type == "t5"  # encoder-decoder LM, as blip2-flan-t5-xl
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    captioner = Captioner(processor, model)
+    # the language model's input: 4 <image> placeholders (one per query token), then the empty prompt's </s>
+    image_token = model.config.image_token_id
+    assert captioner.prompt["input_ids"].tolist() == [[image_token] * 4 + [processor.tokenizer.eos_token_id]]
+    images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "navy", "white")]
+    pixels = processor.image_processor(images=images, do_rescale=False, do_normalize=False,
+                                       return_tensors="pt").pixel_values  # as CaptionInputs gives them
+    captions = captioner.generate(pixels, max_new_tokens=6)
+    assert len(captions) == 3 and all(captions) and len(set(captions)) == 3  # image-dependent captions
+    assert not any("<image>" in c or "</s>" in c for c in captions)
+    assert captions == Captioner(*models.load_captioner(str(snapshot), CPU, F32)).generate(pixels, max_new_tokens=6)
+
+
+def test_a_captioner_of_another_kind_is_refused(offline_hub: Path) -> None:
+    with pytest.raises(ValueError, match="'clip' checkpoint; supported captioners are 'blip', 'blip-2'"):
+        models.load_captioner(CLIP_ID, CPU, F32)
+
+
+def test_checkpoint_revision(offline_hub: Path, tmp_path: Path) -> None:
+    snapshot = install_tiny_models(offline_hub)[CAPTIONER_ID]
+    assert models.checkpoint_revision(CAPTIONER_ID) == snapshot.name  # the hub snapshot's commit
+    local = tmp_path / "blip"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    before = models.checkpoint_revision(str(local))
+    assert before.startswith("dir:") and models.checkpoint_revision(str(local)) == before
+    (local / "model.safetensors").write_bytes(b"new weights")  # replaced in place: another revision
+    assert models.checkpoint_revision(str(local)) != before
+    with pytest.raises(models.ModelNotFoundError, match="nobody/nothing"):
+        models.checkpoint_revision("nobody/nothing")
 
 
 def test_clip_text_tower_from_full_clip_checkpoint(offline_hub: Path) -> None:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from oscar_common.classifier import eval_transform
 from oscar_common.config import OscarConfig
-from oscar_common.recipes import Preprocessing, eval_preprocessing, resolve_recipe
+from oscar_common.choices import TRAIN_RECIPES
+from oscar_common.recipes import RECIPES, Preprocessing, eval_preprocessing, resolve_recipe, standard_preprocessing
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -48,6 +49,11 @@ def test_augmented_recipe_is_the_older_train_py():
     assert recipe.cache_size(224) == 256 and recipe.cache_size(32) == 37
 
 
+def test_recipe_names_are_the_configs_choices():
+    assert sorted(RECIPES) == sorted(TRAIN_RECIPES)
+    assert all(RECIPES[name].name == name for name in RECIPES)
+
+
 def test_overrides_replace_only_non_zero_values():
     recipe = resolve_recipe("official", epochs=3, lr=0, batch_size=16)
     assert (recipe.epochs, recipe.lr, recipe.batch_size) == (3, 5e-4, 16)
@@ -76,6 +82,7 @@ def test_run_config_defaults_leave_the_recipe_in_charge():
 def test_preprocessing_travels_as_plain_values_and_matches_eval_transform():
     pre = eval_preprocessing(32, "augmented")
     assert pre == Preprocessing(image_size=32, resize_size=37, mean=IMAGENET[0], std=IMAGENET[1])
+    assert pre == eval_preprocessing(32, "official") == standard_preprocessing(32)  # one evaluation for both
     values = pre.to_config()
     assert values == {"image-size": 32, "resize-size": 37, "mean": list(IMAGENET[0]), "std": list(IMAGENET[1])}
     assert Preprocessing.from_config(values) == pre

@@ -1,60 +1,145 @@
-"""The one-shot strategy's rules that need no processes: waiting for nodes, min-clients, a failed report."""
+"""The one-shot strategy's rules that need no processes: waiting for nodes, rejections named in one line,
+min-clients, finished runs left alone, resumed clients found by name on new node ids."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from oscar_common.config import OscarConfig
-from oscar_common.wire import ClientPayload
+from oscar_common.wire import IDENTIFY_MESSAGE_TYPE, ClientFailure, Identity, Upload
 from oscar_server.report import build_report
-from oscar_server.run_dir import RunDirectory
+from oscar_server.run_dir import FinishedRunError, RunDirectory
+from oscar_server import strategy as strategy_module
 from oscar_server.strategy import ClientRecord, NotEnoughClientsError, OscarStrategy
 
+RAY_TRACEBACK = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1234)\nTraceback (most recent call last):\n"
+                 '  File "/x/client_app.py", line 40, in train\n    raise ValueError(msg)\n'
+                 "ValueError: no readable training images\n")
 
-class NodesOnlyGrid:
-    """Just enough of a Flower Grid for the waiting logic: a fixed set of connected node ids."""
 
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
+class FakeGrid:
+    """Just enough of a Flower Grid: connected node ids (which may change), and replies to identify queries."""
+
+    def __init__(self, nodes: list[int] | list[list[int]], names: dict[int, str] | None = None) -> None:
+        self.views = iter(nodes) if nodes and isinstance(nodes[0], list) else itertools.repeat(nodes)
+        self.names = names or {}
+        self.sent: list[Message] = []
+        self._ids = itertools.count(1)
+        self._pending: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+        return list(next(self.views))
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message_id = f"m{next(self._ids)}"
+            self._pending[message_id] = message
+            self.sent.append(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        replies = []
+        for message_id in message_ids:
+            message = self._pending.pop(message_id)
+            assert message.metadata.message_type == IDENTIFY_MESSAGE_TYPE
+            node = message.metadata.dst_node_id
+            replies.append(_reply(Identity(self.names[node]).to_record(), message_id, node))
+        return replies
+
+
+def _reply(content: RecordDict | None, to: str, node: int, error: str | None = None) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"r-{to}", src_node_id=node, dst_node_id=0, reply_to_message_id=to,
+                        group_id="", created_at=time.time(), ttl=60, message_type="train")
+    if error is not None:
+        return Message(metadata=metadata, error=Error(code=0, reason=error))
+    return Message(metadata=metadata, content=content)
+
+
+def _upload(name: str, encoder: str) -> Upload:
+    return Upload(class_ids=np.array([0]), means=np.ones((1, 512), np.float32), scheme="pooled",
+                  encoder_id=encoder, client_name=name)
 
 
 @pytest.fixture
 def strategy(tmp_path: Path, tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> OscarStrategy:
     monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(strategy_module, "POLL_SECONDS", 0.01)
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has, for creating messages
+        monkeypatch.setattr(TaskIdentity, field, 1)
     cfg = OscarConfig(class_names=("cat", "dog"), min_clients=3, wait_for_clients_timeout=0.5,
                       run_dir=str(tmp_path), run_name="unit")
     return OscarStrategy(cfg, RunDirectory.for_run(cfg, 1))
 
 
-def test_waiting_for_nodes_times_out_instead_of_hanging(strategy: OscarStrategy) -> None:
+def test_waiting_for_nodes_times_out_and_logs_once_per_change(strategy: OscarStrategy,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     started = time.monotonic()
-    with pytest.raises(NotEnoughClientsError, match="only 2 of min-clients=3 nodes connected"):
-        strategy._wait_for_nodes(NodesOnlyGrid([1, 2]))
+    with caplog.at_level(logging.INFO, "oscar.server"), pytest.raises(NotEnoughClientsError,
+                                                                      match="only 2 of min-clients=3 nodes"):
+        strategy._wait_for_nodes(FakeGrid([[1]] * 5 + [[1, 2]] * 10_000), 3)
     assert time.monotonic() - started < 5
-    assert strategy._wait_for_nodes(NodesOnlyGrid([3, 1, 2])) == [1, 2, 3]
+    waiting = [r.message for r in caplog.records if r.message.startswith("waiting for clients")]
+    assert waiting == ["waiting for clients: 1 connected, 3 required", "waiting for clients: 2 connected, 3 required"]
+    assert strategy._wait_for_nodes(FakeGrid([3, 1, 2]), 3) == [1, 2, 3]
+
+
+def test_client_failures_are_rejected_under_the_clients_name_in_one_line(strategy: OscarStrategy) -> None:
+    failure = ClientFailure(client_name="clipart", stage="upload",
+                            reason="DataDirError: no folder of /data/clipart matches a class of this federation")
+    strategy.accept_upload(_reply(failure.to_record(), "a", 11))
+    strategy.accept_upload(_reply(None, "b", 12, error=RAY_TRACEBACK))
+    first, second = strategy.state.rejected
+    assert first == {"node_id": 11, "name": "clipart",
+                     "reason": "client failed: DataDirError: no folder of /data/clipart matches a class of this "
+                               "federation"}
+    assert second["reason"] == "client error: ValueError: no readable training images"
 
 
 def test_too_few_valid_uploads_fail_the_run_before_any_synthesis(strategy: OscarStrategy) -> None:
-    payload = ClientPayload(class_ids=np.array([0]), counts=np.array([1]), means=np.ones((1, 512), np.float32),
-                            scheme="pooled", encoder_id=strategy.cfg.text_encoder, client_name="only")
-    strategy.state.clients[7] = ClientRecord(node_id=7, payload=payload, upload_bytes=2048)
-    strategy.state.rejected.append({"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN or Inf"})
-    with pytest.raises(NotEnoughClientsError, match="1 valid uploads, min-clients is 3"):
+    strategy.state.clients[7] = ClientRecord(node_id=7, upload=_upload("only", strategy.cfg.text_encoder),
+                                             upload_bytes=2048)
+    strategy.state.rejected.append({"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN"})
+    with pytest.raises(NotEnoughClientsError, match=r"1 valid uploads, min-clients is 3 \(rejected: evil: invalid"):
         strategy.aggregate_train(1, [])
     assert strategy.state.synthesis is None
 
-    report = build_report(strategy.cfg, strategy.state, "failed", "NotEnoughClientsError: ...")
+    report = build_report(strategy.cfg, strategy.state, "NotEnoughClientsError: ...")
     assert report["status"] == "failed" and report["error"].startswith("NotEnoughClientsError")
-    assert report["rejected"] == [{"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN or Inf"}]
+    assert report["rejected"] == [{"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN"}]
     assert report["clients"][0]["name"] == "only" and report["clients"][0]["test_accuracy"] is None
+    assert report["problems"] == ["evil: upload rejected: invalid payload: means contain NaN",
+                                  "only: no evaluation: no reply"]
+
+
+def test_a_finished_run_is_never_resumed(strategy: OscarStrategy) -> None:
+    strategy.run_dir.report_json.write_text('{"status": "completed", "clients": ["kept"]}')
+    with pytest.raises(FinishedRunError, match="already finished"):
+        strategy.start(FakeGrid([1, 2, 3]))
+    assert strategy.run_dir.report_json.read_text() == '{"status": "completed", "clients": ["kept"]}'
+
+
+def test_resumed_clients_are_found_by_name_on_new_node_ids(strategy: OscarStrategy) -> None:
+    """A restarted simulation gives every client a new node id: the saved uploads follow the names."""
+    encoder = strategy.cfg.text_encoder
+    for node, name in ((101, "plain"), (102, "textured")):
+        strategy.run_dir.save_payload(_upload(name, encoder), node)
+    strategy.run_dir.save_upload_round([(101, "plain", 10), (102, "textured", 10)], [])
+    assert strategy._resume_upload_round()
+    grid = FakeGrid([7, 8, 9], names={7: "textured", 8: "stranger", 9: "plain"})
+    strategy._find_resumed_clients(grid)
+    assert {node: record.name for node, record in strategy.state.clients.items()} == {9: "plain", 7: "textured"}
+    assert all(m.metadata.message_type == IDENTIFY_MESSAGE_TYPE for m in grid.sent)
 
 
 def test_an_empty_class_list_is_refused(tmp_path: Path) -> None:

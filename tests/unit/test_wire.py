@@ -1,41 +1,52 @@
-"""The wire format: round trip, wire size, and every validation rule rejecting its own case."""
+"""The wire contract: round trips, sizes, every validation rule rejecting its own case, and that this module
+is the only one that spells message keys."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
+from oscar_common import wire
+from oscar_common.config import OscarConfig
 from oscar_common.wire import (
-    ARRAYS_KEY,
-    META_KEY,
-    ClientPayload,
+    UPLOAD_ARRAYS_KEY,
+    UPLOAD_META_KEY,
+    ClientFailure,
+    DpRecord,
+    EvaluateInstruction,
+    Evaluation,
     Expectation,
+    Identity,
     PayloadError,
+    SharedCounts,
+    TrainInstruction,
+    Upload,
+    declared_size,
     model_blob,
     model_record,
-    parse_payload,
+    one_line,
+    parse_upload,
+    upload_size_limit,
     wire_size,
 )
 
 K, D = 3, 512
-POOLED = Expectation(scheme="pooled", encoder_id="openai/clip-vit-base-patch32", num_classes=10, feature_dim=D)
+CLIP = "openai/clip-vit-base-patch32"
+POOLED = Expectation(scheme="pooled", encoder_id=CLIP, num_classes=10, feature_dim=D)
+PROJECT = Path(__file__).resolve().parents[2]
 
 
-def make_payload(**changes) -> ClientPayload:
+def make_upload(**changes) -> Upload:
     rng = np.random.default_rng(0)
-    values = dict(
-        class_ids=np.array([0, 4, 7], dtype=np.int64),
-        counts=np.array([5, 1, 12], dtype=np.int64),
-        means=rng.standard_normal((K, D)).astype(np.float32),
-        scheme="pooled",
-        encoder_id="openai/clip-vit-base-patch32",
-        client_name="clipart",
-        num_images=18,
-    )
+    values = dict(class_ids=np.array([0, 4, 7], dtype=np.int64), means=rng.standard_normal((K, D)).astype(np.float32),
+                  scheme="pooled", encoder_id=CLIP, client_name="clipart")
     values.update(changes)
-    return ClientPayload(**values)
+    return Upload(**values)
 
 
 def over_the_wire(content: RecordDict) -> RecordDict:
@@ -43,33 +54,59 @@ def over_the_wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
-def test_round_trip_keeps_every_field() -> None:
-    sent = make_payload(unreadable_images=2, skipped_classes=["unknown-class"])
-    got = parse_payload(over_the_wire(sent.to_recorddict()), POOLED)
-    np.testing.assert_array_equal(got.class_ids, sent.class_ids)
-    np.testing.assert_array_equal(got.counts, sent.counts)
-    np.testing.assert_array_equal(got.means, sent.means)
-    assert (got.scheme, got.encoder_id, got.client_name) == ("pooled", sent.encoder_id, "clipart")
-    assert (got.num_images, got.unreadable_images, got.skipped_classes) == (18, 2, ["unknown-class"])
-    assert got.feature_shape == [K, D]
+def test_default_upload_carries_only_ids_means_and_what_validation_needs() -> None:
+    content = over_the_wire(make_upload().to_record())
+    assert sorted(content.array_records[UPLOAD_ARRAYS_KEY].keys()) == ["class_ids", "means"]
+    assert set(content.config_records[UPLOAD_META_KEY].keys()) == {
+        "format-version", "scheme", "encoder-id", "client-name", "prototypes-per-class", "transport-dtype", "dp"}
+    got = parse_upload(content, POOLED)
+    np.testing.assert_array_equal(got.means, make_upload().means)
+    assert got.counts is None and got.shared is None and got.dp is None
 
 
-def test_tokens_round_trip() -> None:
-    means = np.ones((2, 77, 32), dtype=np.float32)
-    sent = make_payload(class_ids=np.array([1, 2]), counts=np.array([1, 1]), means=means, scheme="tokens",
-                        encoder_id="CompVis/stable-diffusion-v1-4")
-    expect = Expectation(scheme="tokens", encoder_id="CompVis/stable-diffusion-v1-4", num_classes=3, feature_dim=32)
-    assert parse_payload(sent.to_recorddict(), expect).feature_shape == [2, 77, 32]
+def test_shared_counts_and_dp_round_trip() -> None:
+    dp = DpRecord(mechanism="gaussian", neighbouring="replace-one", epsilon=2.0, delta=1e-5, sigma=0.4,
+                  sensitivity=0.2, clip_norm=1.0, min_images=10)
+    sent = make_upload(counts=np.array([5, 12, 30], dtype=np.int64), dp=dp,
+                       shared=SharedCounts(num_images=47, unreadable_images=2, skipped_classes=["zebra"]))
+    got = parse_upload(over_the_wire(sent.to_record()), POOLED)
+    assert got.dp == dp and got.counts.tolist() == [5, 12, 30]
+    assert (got.shared.num_images, got.shared.unreadable_images, got.shared.skipped_classes) == (47, 2, ["zebra"])
+
+
+def test_tokens_round_trip_in_float16() -> None:
+    means = np.random.default_rng(1).standard_normal((2, 77, 32)).astype(np.float32)
+    sent = make_upload(class_ids=np.array([1, 2]), means=means, scheme="tokens", encoder_id="sd",
+                       transport_dtype="float16")
+    expect = Expectation(scheme="tokens", encoder_id="sd", num_classes=3, feature_dim=32, transport_dtype="float16")
+    content = over_the_wire(sent.to_record())
+    assert content.array_records[UPLOAD_ARRAYS_KEY]["means"].dtype == "float16"
+    got = parse_upload(content, expect)
+    assert got.means.dtype == np.float32 and got.feature_shape == [2, 77, 32]
+    np.testing.assert_allclose(got.means, means, rtol=1e-3, atol=1e-3)
+    assert wire_size(content) < 2 * 77 * 32 * 2 + 2048  # half of float32's bytes, plus framing
+
+
+def test_prototypes_repeat_a_class_up_to_k_times() -> None:
+    means = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
+    upload = make_upload(class_ids=np.array([0, 0, 3, 3]), means=means, prototypes_per_class=2)
+    expect = Expectation(**{**POOLED.__dict__, "prototypes_per_class": 2})
+    assert parse_upload(over_the_wire(upload.to_record()), expect).classes == [0, 3]
+    with pytest.raises(PayloadError, match="more than 2 rows for one class"):
+        three = make_upload(class_ids=np.array([0, 0, 0]), means=means[:3], prototypes_per_class=2)
+        parse_upload(three.to_record(), expect)
+    with pytest.raises(PayloadError, match="at most 1"):
+        parse_upload(upload.to_record(), POOLED)
 
 
 def test_wire_size_is_the_means_plus_a_small_overhead() -> None:
-    size = wire_size(make_payload().to_recorddict())
+    size = wire_size(make_upload().to_record())
     assert K * D * 4 < size < K * D * 4 + 2048
 
 
 def _with_arrays(**arrays) -> RecordDict:
-    content = make_payload().to_recorddict()
-    record = content.array_records[ARRAYS_KEY]
+    content = make_upload().to_record()
+    record = content.array_records[UPLOAD_ARRAYS_KEY]
     for name, value in arrays.items():
         if value is None:
             del record[name]
@@ -79,18 +116,22 @@ def _with_arrays(**arrays) -> RecordDict:
 
 
 def _with_meta(**meta) -> RecordDict:
-    content = make_payload().to_recorddict()
+    content = make_upload().to_record()
     for key, value in meta.items():
-        content.config_records[META_KEY][key.replace("_", "-")] = value
+        content.config_records[UPLOAD_META_KEY][key.replace("_", "-")] = value
     return content
 
 
 REJECTED = {
-    "missing arrays record": (lambda: RecordDict({META_KEY: ConfigRecord({"scheme": "pooled"})}), "missing ArrayRecord"),
-    "missing meta record": (lambda: RecordDict({ARRAYS_KEY: ArrayRecord()}), "missing ConfigRecord"),
+    "missing arrays record": (lambda: RecordDict({UPLOAD_META_KEY: ConfigRecord({"scheme": "pooled"})}),
+                              "missing ArrayRecord"),
+    "missing meta record": (lambda: RecordDict({UPLOAD_ARRAYS_KEY: ArrayRecord()}), "missing ConfigRecord"),
+    "old format": (lambda: RecordDict({"oscar.payload": ArrayRecord(), "oscar.meta": ConfigRecord({})}),
+                   "old upload format (version 1"),
     "missing means": (lambda: _with_arrays(means=None), "missing ['means']"),
     "extra array": (lambda: _with_arrays(secret=np.zeros(3, dtype=np.float32)), "unexpected ['secret']"),
     "float64 means": (lambda: _with_arrays(means=np.ones((K, D))), "means must be float32"),
+    "float16 not instructed": (lambda: _with_arrays(means=np.ones((K, D), dtype=np.float16)), "means must be float32"),
     "int32 class ids": (lambda: _with_arrays(class_ids=np.array([0, 1, 2], dtype=np.int32)), "class_ids must be int64"),
     "rank 3 pooled": (lambda: _with_arrays(means=np.ones((K, 2, D), dtype=np.float32)), "rank 2"),
     "wrong dimension": (lambda: _with_arrays(means=np.ones((K, 768), dtype=np.float32)), "dimension 768"),
@@ -99,40 +140,112 @@ REJECTED = {
     "all-zero vector": (lambda: _with_arrays(means=np.vstack([np.ones((2, D)), np.zeros((1, D))]).astype(np.float32)),
                         "all-zero mean vector for class ids [7]"),
     "duplicate ids": (lambda: _with_arrays(class_ids=np.array([1, 1, 2], dtype=np.int64)), "duplicate class ids"),
+    "unsorted ids": (lambda: _with_arrays(class_ids=np.array([2, 1, 3], dtype=np.int64)), "must be ascending"),
     "id out of range": (lambda: _with_arrays(class_ids=np.array([0, 1, 10], dtype=np.int64)), "must be in [0, 10)"),
     "negative id": (lambda: _with_arrays(class_ids=np.array([-1, 1, 2], dtype=np.int64)), "must be in [0, 10)"),
     "zero count": (lambda: _with_arrays(counts=np.array([0, 1, 1], dtype=np.int64)), "counts must be >= 1"),
-    "length mismatch": (lambda: _with_arrays(counts=np.array([1, 1], dtype=np.int64)), "same length"),
-    "empty": (lambda: _with_arrays(class_ids=np.zeros(0, dtype=np.int64), counts=np.zeros(0, dtype=np.int64),
-                                   means=np.zeros((0, D), dtype=np.float32)), "no classes"),
+    "count length": (lambda: _with_arrays(counts=np.array([1, 1], dtype=np.int64)), "counts must have shape [3]"),
+    "length mismatch": (lambda: _with_arrays(class_ids=np.array([1, 2], dtype=np.int64)), "same length"),
+    "empty": (lambda: _with_arrays(class_ids=np.zeros(0, dtype=np.int64), means=np.zeros((0, D), dtype=np.float32)),
+              "no classes"),
     "unknown scheme": (lambda: _with_meta(scheme="pixels"), "scheme 'pixels'"),
     "other encoder": (lambda: _with_meta(encoder_id="someone/else"), "encoder-id 'someone/else'"),
     "future version": (lambda: _with_meta(format_version=99), "format-version 99"),
+    "bad prototypes": (lambda: _with_meta(prototypes_per_class="two"), "'prototypes-per-class' must be an integer"),
+    "dp without parameters": (lambda: _with_meta(dp=True), "missing 'dp-mechanism'"),
+    "unknown dtype": (lambda: _with_meta(transport_dtype="int8"), "'transport-dtype' must be one of"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REJECTED))
 def test_validation_rejects(case: str) -> None:
     build, message = REJECTED[case]
-    with pytest.raises(PayloadError, match=None) as info:
-        parse_payload(over_the_wire(build()), POOLED)
+    with pytest.raises(PayloadError) as info:
+        parse_upload(over_the_wire(build()), POOLED)
     assert message in str(info.value)
 
 
-def test_oversized_payload_is_rejected_before_decoding() -> None:
-    small_limit = Expectation(**{**POOLED.__dict__, "max_bytes": 1000})
-    with pytest.raises(PayloadError, match="over the limit of 1000"):
-        parse_payload(make_payload().to_recorddict(), small_limit)
+def test_the_size_limit_reads_declared_shapes_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repetitive array is small on the wire (Flower deduplicates chunks) but large decoded: the limit
+    must hold on the declared size, and nothing may be decoded before the check."""
+    ones = make_upload(class_ids=np.arange(16, dtype=np.int64), means=np.ones((16, 4096, 256), dtype=np.float32))
+    content = over_the_wire(ones.to_record())  # 64 MiB of ones: Flower's identical 5 MiB chunks travel once
+    assert wire_size(content) < declared_size(content.array_records[UPLOAD_ARRAYS_KEY]["means"]) / 3
+    decoded = []
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(self) or np.zeros(1))
+    with pytest.raises(PayloadError, match=r"declares 6710\d+ bytes .* over the limit"):
+        parse_upload(content, POOLED)
+    assert decoded == []
+
+
+def test_default_limit_grows_with_the_classes() -> None:
+    """345 DomainNet classes under `tokens` (77 x 768 float32 each, 81.6 MB) pass the default limit."""
+    cfg = OscarConfig(scheme="tokens", class_names=tuple(f"c{i}" for i in range(345)))
+    expect = Expectation.of(cfg.train_instruction(), feature_dim=768, max_bytes=cfg.max_payload_bytes)
+    assert expect.byte_limit == upload_size_limit("tokens", 345, 768) > 345 * 77 * 768 * 4
+    means = np.ones((345, 77, 768), dtype=np.float32)
+    means[:, 0, 0] = np.arange(345)  # rows differ
+    upload = make_upload(class_ids=np.arange(345, dtype=np.int64), means=means, scheme="tokens",
+                         encoder_id=cfg.diffusion_model)
+    assert parse_upload(upload.to_record(), expect).feature_shape == [345, 77, 768]
+    with pytest.raises(PayloadError, match="over the limit"):
+        parse_upload(upload.to_record(), Expectation(**{**expect.__dict__, "max_bytes": 64 * 2**20}))
 
 
 def test_client_names_are_made_filesystem_safe() -> None:
-    got = parse_payload(_with_meta(client_name="../../etc/passwd"), POOLED)
+    got = parse_upload(_with_meta(client_name="../../etc/passwd"), POOLED)
     assert "/" not in got.client_name and not got.client_name.startswith(".")
+
+
+def test_instructions_round_trip_and_refuse_another_release() -> None:
+    instruction = OscarConfig(class_names=("a", "b"), share_counts=True, dp_max_epsilon=4).train_instruction()
+    record = over_the_wire(RecordDict({"i": instruction.to_record()})).config_records["i"]
+    assert TrainInstruction.from_record(record) == instruction
+    record["format-version"] = 1
+    with pytest.raises(PayloadError, match="same release"):
+        TrainInstruction.from_record(record)
+    evaluate = EvaluateInstruction(class_names=("a", "b"), seed=3, image_size=64, preprocessing={"resize": 73})
+    assert EvaluateInstruction.from_record(evaluate.to_record()) == evaluate
+
+
+def test_replies_round_trip() -> None:
+    evaluation = Evaluation(client_name="sketch", accuracy=0.5, num_examples=10, per_class={0: 1.0, 3: 0.25},
+                            unreadable_images=1)
+    assert Evaluation.from_content(over_the_wire(evaluation.to_record()), num_classes=4) == evaluation
+    with pytest.raises(PayloadError, match="out of range"):
+        Evaluation.from_content(evaluation.to_record(), num_classes=2)
+    assert Identity.from_content(Identity("quickdraw").to_record()).client_name == "quickdraw"
+    failure = ClientFailure(client_name="x", reason="Traceback (most recent call last):\n  File \"a.py\", line 1\n"
+                            "\x1b[31mValueError: no class folder matches\x1b[0m", stage="upload")
+    got = ClientFailure.from_content(over_the_wire(failure.to_record()))
+    assert got.reason == "ValueError: no class folder matches" and got.client_name == "x"
+
+
+def test_one_line_keeps_the_exception_of_a_traceback() -> None:
+    ray = ("\x1b[36mray::ClientAppActor\x1b[39m\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+           "    raise DataDirError(msg)\n    ^^^^^^^^^^^^^^^^^^^^^\noscar.DataDirError: no folder matches\n")
+    assert one_line(ray) == "oscar.DataDirError: no folder matches"
+    assert one_line("a\nb") == "a b" and len(one_line("x" * 1000)) == 300
 
 
 def test_model_record_round_trip() -> None:
     blob = bytes(range(256)) * 3
-    content = over_the_wire(RecordDict({"oscar.model": model_record(blob)}))
+    content = over_the_wire(RecordDict({wire.MODEL_KEY: model_record(blob)}))
     assert model_blob(content) == blob
-    with pytest.raises(ValueError, match="has no"):
+    with pytest.raises(PayloadError, match="has no"):
         model_blob(RecordDict())
+
+
+def test_only_the_wire_module_spells_message_keys() -> None:
+    """Every record key and message type lives in oscar_common/wire.py; other modules import them."""
+    keys = [value for name, value in vars(wire).items() if name.endswith(("_KEY", "_MESSAGE_TYPE")) and
+            isinstance(value, str) and "." in value]  # "train" alone is Flower's, and a common word
+    assert len(keys) >= 9
+    offenders = []
+    for path in sorted(PROJECT.glob("oscar_*/**/*.py")):
+        if path.name == "wire.py":
+            continue
+        text = path.read_text()
+        offenders += [f"{path.relative_to(PROJECT)}: {key}" for key in keys
+                      if re.search(rf"[\"']{re.escape(key)}[\"']", text)]
+    assert offenders == []

@@ -1,0 +1,201 @@
+"""Client benchmark: the project's captioning stage against the same model's bare ``generate``.
+
+Both run on the same model, batch size, images and device:
+
+* **pipeline**: :func:`oscar_client.captioning.caption_files` exactly as ``encode_client`` runs it at
+  the defaults (caption cache on, automatic batch size and DataLoader workers): hash the files, look
+  them up, decode + resize + normalise in workers, ``generate``, decode the tokens, store the captions;
+* **bare generate**: ``model.generate`` on batches already processed and already on the device, the
+  upper bound of what any data path can reach;
+* **cache second run**: ``caption_files`` again on the same files, which now generates nothing.
+
+The model is BLIP-base's architecture (Salesforce/blip-image-captioning-base's published config:
+ViT-B/16 at 384 + a BERT-base text decoder, vocabulary 30524) with random weights, built in memory:
+nothing is downloaded, and random weights cost the same FLOPs. Random weights rarely emit the end token,
+so every caption runs to ``max_new_tokens``: the slowest case, identical on both sides. ``tiny`` uses the
+project's tiny BLIP instead (to test the benchmark itself). Images are synthetic 500x375 JPEGs
+(smooth random colour fields with grain, about 40 KB, like photos of that size). fp16 on CUDA, fp32 on a
+CPU. This module imports neither flwr nor diffusers: it runs on a machine that has only torch and
+transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+from oscar_client.caption_cache import CaptionCache
+from oscar_client.captioning import (
+    AUTO,
+    Captioner,
+    caption_files,
+    caption_settings,
+    resolve_batch_size,
+    resolve_num_workers,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 30  # the project's caption-max-tokens
+IMAGE_SIZE = (500, 375)  # a typical photo (e.g. PASCAL / COCO-sized)
+
+
+def bench_client(*, tiny: bool, device: torch.device, images: int, budget_seconds: float,
+                 batch_size: int = 0, num_workers: int = AUTO, repeats: int = 2) -> dict[str, Any]:
+    """Measure the client's captioning stage against bare ``generate``; return the figures.
+
+    ``images`` is an upper bound: after a warm-up batch the count is cut (to whole batches, at least
+    one) so that all timed passes fit in about ``budget_seconds``. ``batch_size`` 0 and ``num_workers`` -1
+    are the project's automatic choices, as a client at its defaults. The two paths alternate
+    ``repeats`` times (bare, pipeline, bare, ...) and the medians are reported, because a launch-bound
+    ``generate`` varies between passes by more than the difference being measured (on the H200 machine,
+    bare generate at batch 64 took 5.1 to 7.8 s for the same 1,024 images).
+    """
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    captioner = Captioner(*_tiny_blip(device, dtype) if tiny else _blip_base(device, dtype))
+    batch = resolve_batch_size(batch_size, captioner, max_new_tokens=MAX_NEW_TOKENS)
+    workers = resolve_num_workers(num_workers, device)
+    settings = caption_settings("blip-base-random" if not tiny else "tiny-blip", revision="bench", dtype=dtype,
+                                max_new_tokens=MAX_NEW_TOKENS)
+
+    with tempfile.TemporaryDirectory(prefix="oscar-bench-client-") as tmp:
+        paths = _write_images(Path(tmp) / "images", max(images, batch))
+
+        # Warm-up (kernels, allocator), which also sizes the run to the budget: a whole batch on a GPU
+        # (its kernels depend on the batch shape), two images on a CPU (where one image takes seconds).
+        warm = batch if device.type == "cuda" else min(batch, 2)
+        per_image = _bare_seconds([_processed(paths[:warm], captioner).to(device, dtype)], captioner) / warm
+        fits = int(budget_seconds / ((2 * repeats + 0.5) * per_image))  # the timed passes + processing
+        count = max(batch, min(images, fits) // batch * batch)
+        paths = paths[:count]
+        log.info("client bench: %d images (of %d asked), batch %d, %d workers, %s %s, warm-up %.3f s/img",
+                 count, images, batch, workers, device, dtype, per_image)
+        # (b)'s input: batches processed and on the device before the clock starts
+        batches = [_processed(paths[i : i + batch], captioner).to(device, dtype) for i in range(0, count, batch)]
+
+        bare, pipeline, first = [], [], None
+        for repeat in range(repeats):
+            bare.append(_bare_seconds(batches, captioner))  # (b) bare generate
+            with CaptionCache.open(Path(tmp) / f"out-{repeat}") as cache:  # (a) a first run: empty cache
+                started = time.perf_counter()
+                first = caption_files(paths, settings=settings, load=lambda: captioner, cache=cache,
+                                      batch_size=batch, num_workers=workers, max_new_tokens=MAX_NEW_TOKENS,
+                                      device=device)
+                pipeline.append(time.perf_counter() - started)
+        del batches
+        with CaptionCache.open(Path(tmp) / f"out-{repeats - 1}") as cache:  # (c) the second run
+            started = time.perf_counter()
+            second = caption_files(paths, settings=settings, load=lambda: captioner, cache=cache, batch_size=batch,
+                                   num_workers=workers, max_new_tokens=MAX_NEW_TOKENS, device=device)
+            cache_seconds = time.perf_counter() - started
+
+    pipeline_rate, bare_rate = count / statistics.median(pipeline), count / statistics.median(bare)
+    return {
+        "model": "tiny BLIP (random)" if tiny else "BLIP-base architecture (random weights)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "images": count,
+        "images_requested": images,
+        "batch_size": batch,
+        "num_workers": workers,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "repeats": repeats,
+        "pipeline_img_per_s": round(pipeline_rate, 3),
+        "bare_generate_img_per_s": round(bare_rate, 3),
+        "pipeline_vs_bare": round(pipeline_rate / bare_rate, 4),
+        "pipeline_s": [round(t, 3) for t in pipeline],
+        "bare_generate_s": [round(t, 3) for t in bare],
+        "captioned_first_run": first.captioned,
+        "cache_second_run_s": round(cache_seconds, 3),
+        "captioned_second_run": second.captioned,
+    }
+
+
+def _bare_seconds(batches: list[torch.Tensor], captioner: Captioner) -> float:
+    """Seconds of ``model.generate`` over processed batches already on the device."""
+    _sync(captioner.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for pixel_values in batches:
+            captioner.model.generate(pixel_values=pixel_values, max_new_tokens=MAX_NEW_TOKENS)
+    _sync(captioner.device)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------- models
+def blip_base_config() -> BlipConfig:
+    """Salesforce/blip-image-captioning-base's published architecture (config.json)."""
+    return BlipConfig(
+        text_config=dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=512, bos_token_id=30522,
+                         sep_token_id=102, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=384, patch_size=16, layer_norm_eps=1e-5),
+        projection_dim=512,
+        image_text_hidden_size=256,
+    )
+
+
+def _blip_base(device: torch.device, dtype: torch.dtype) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
+    config = blip_base_config()
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise where it runs: 250M parameters
+        model = BlipForConditionalGeneration(config)
+    model.to(dtype).eval().requires_grad_(False)
+    # bert-base-uncased's special ids, placeholder words elsewhere (captions of random weights mean nothing)
+    special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 30522: "[DEC]"}
+    vocab = {special.get(i, f"w{i}"): i for i in range(config.text_config.vocab_size)}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer)  # 384, bicubic, CLIP mean
+    return processor, model
+
+
+def _tiny_blip(device: torch.device, dtype: torch.dtype) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
+    from oscar_demo.tiny import save_tiny_captioner  # the test models; only for --tiny
+
+    with tempfile.TemporaryDirectory(prefix="oscar-bench-tiny-") as tmp:
+        save_tiny_captioner(Path(tmp))
+        processor = BlipProcessor.from_pretrained(tmp)
+        model = BlipForConditionalGeneration.from_pretrained(tmp, dtype=dtype)
+    return processor, model.to(device).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------- data
+def _write_images(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    width, height = IMAGE_SIZE
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(IMAGE_SIZE, Image.BICUBIC)
+        grain = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _processed(paths: list[Path], captioner: Captioner) -> torch.Tensor:
+    """What the image processor makes of the files, all its steps on the CPU: bare generate's input."""
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return captioner.image_processor(images=images, return_tensors="pt").pixel_values
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

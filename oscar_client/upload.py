@@ -1,0 +1,181 @@
+"""A client's upload, built the one way both the ClientApp and ``oscar-preview`` build it.
+
+Local images -> captions -> embeddings -> per-class rows (the mean, or k prototypes) -> optional
+differential privacy -> :class:`oscar_common.wire.Upload`. What the upload leaves out (label counts,
+unreadable images, folder names outside the federation) is written to the client's own output dir
+(``upload-summary.json``) and log, never sent unless the run asks for counts and the client agrees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oscar_client.caption_cache import CaptionCache
+from oscar_client.encoder import EncodedClient, encode_client
+from oscar_client.policy import ClientPolicy
+from oscar_client.privacy import DpRecord as PrivacyRecord
+from oscar_client.privacy import keyed_generator, privatize_class_means
+from oscar_client.prototypes import class_prototypes
+from oscar_common.devices import resolve_device, resolve_dtype
+from oscar_common.files import atomic_write_bytes, atomic_write_json
+from oscar_common.models import load_diffusion_text_encoder
+from oscar_common.node_settings import NodeSettings
+from oscar_common.text_encoding import encode_tokens
+from oscar_common.wire import DpRecord, SharedCounts, TrainInstruction, Upload
+
+log = logging.getLogger("oscar.client")
+
+
+@dataclass
+class PreparedUpload:
+    upload: Upload
+    encoded: EncodedClient
+    digest: str  # of exactly what goes on the wire: a preview approves this value
+    local_summary: dict[str, Any]  # what stays on the client
+
+
+def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: ClientPolicy, *,
+                   keep_embeddings: bool = False) -> PreparedUpload:
+    """Everything the ClientApp sends, and what it keeps; ``keep_embeddings`` keeps per-image embeddings
+    (the preview needs them; DP and prototypes need them anyway)."""
+    class_names = list(instruction.class_names)
+    train, _, unknown_folders = node.load_split(class_names, instruction.seed)
+    device = resolve_device(node.device)
+    dtype = resolve_dtype("auto", device)
+    min_images = policy.min_images(instruction)
+    epsilon = policy.epsilon(instruction)
+    prototypes = instruction.prototypes_per_class
+    if epsilon > 0 and prototypes > 1:
+        raise ValueError("differential privacy cannot be combined with prototypes-per-class > 1 (k-means makes one "
+                         "image move several prototypes): the server must use prototypes-per-class = 1")
+    cache = None
+    if policy.caption_cache:
+        cache = CaptionCache.open(node.output_dir / "caption-cache")  # encode_client keys it by its settings
+    encoded = encode_client(
+        train, class_names, scheme=instruction.scheme, captioner_id=instruction.captioner,
+        encoder_id=instruction.encoder_id, device=device, dtype=dtype, batch_size=instruction.caption_batch_size,
+        max_new_tokens=instruction.caption_max_tokens, num_workers=policy.loader_workers, cache=cache,
+        keep_embeddings=keep_embeddings or epsilon > 0 or prototypes > 1,
+    )
+    if encoded.captioned + encoded.cached == 0:
+        raise ValueError(f"client {node.name}: no readable training images under {node.data_dir}")
+
+    by_class = {int(c): n for c, n in zip(encoded.class_ids, encoded.counts)}
+    kept = sorted(c for c, n in by_class.items() if n >= min_images)
+    dropped = sorted(set(by_class) - set(kept))
+    if not kept:
+        raise ValueError(f"client {node.name}: no class has {min_images} training images "
+                         f"(min-images-per-class); largest has {max(by_class.values(), default=0)}")
+    class_ids, means, counts, dp = _rows(encoded, kept, instruction, policy, node, min_images, epsilon)
+
+    shares = policy.shares_counts(instruction)
+    upload = Upload(
+        class_ids=class_ids, means=means, scheme=instruction.scheme, encoder_id=instruction.encoder_id,
+        client_name=node.name, prototypes_per_class=prototypes, counts=counts if shares else None,
+        shared=SharedCounts(num_images=int(sum(by_class.values())), unreadable_images=len(encoded.unreadable),
+                            skipped_classes=list(unknown_folders)) if shares else None,
+        dp=dp, transport_dtype=instruction.transport_dtype,
+    )
+    summary = {
+        "client": node.name,
+        "images_per_class": {class_names[c]: int(n) for c, n in sorted(by_class.items())},
+        "classes_uploaded": [class_names[c] for c in kept],
+        "classes_below_minimum": {class_names[c]: int(by_class[c]) for c in dropped},
+        "min_images_per_class": min_images,
+        "unreadable_images": [str(s.path) for s in encoded.unreadable],
+        "folders_not_in_the_federation": list(unknown_folders),
+        "captioned": encoded.captioned,
+        "captions_from_cache": encoded.cached,
+        "shared_counts": shares,
+        "differential_privacy": None if dp is None else dict(dp.__dict__),
+        "prototypes_per_class": prototypes,
+        "upload_digest": upload_digest(upload),
+    }
+    if dropped:
+        log.info("client %s: %d classes have fewer than %d images and stay here: %s", node.name, len(dropped),
+                 min_images, ", ".join(class_names[c] for c in dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
+    if unknown_folders:
+        log.info("client %s: %d folders are not classes of this federation and stay here: %s", node.name,
+                 len(unknown_folders), ", ".join(unknown_folders[:10]))
+    return PreparedUpload(upload=upload, encoded=encoded, digest=summary["upload_digest"], local_summary=summary)
+
+
+def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction, policy: ClientPolicy,
+          node: NodeSettings, min_images: int, epsilon: float
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, DpRecord | None]:
+    """(class_ids, means, counts, dp) of the kept classes: one mean per class, or k prototypes, or DP means."""
+    index = {int(c): i for i, c in enumerate(encoded.class_ids)}
+    if epsilon <= 0 and instruction.prototypes_per_class == 1:
+        rows = [index[c] for c in kept]
+        return (np.asarray(kept, dtype=np.int64), encoded.means[rows].astype(np.float32),
+                encoded.counts[rows].astype(np.int64), None)
+    per_class = {c: encoded.embeddings[encoded.labels == c] for c in kept}
+    if epsilon > 0:
+        center = _public_center(instruction, node)
+        key = _noise_key(node.output_dir)
+        parameters = {"epsilon": epsilon, "delta": policy.dp_delta, "clip_norm": policy.dp_clip_norm,
+                      "min_images": min_images, "scheme": instruction.scheme, "encoder": instruction.encoder_id}
+        rng = keyed_generator(key, class_embeddings=[per_class[c] for c in kept], parameters=parameters)
+        means, record = privatize_class_means([per_class[c] for c in kept], epsilon=epsilon, delta=policy.dp_delta,
+                                              clip_norm=policy.dp_clip_norm, min_images=min_images, rng=rng,
+                                              center=center)
+        counts = np.asarray([len(per_class[c]) for c in kept], dtype=np.int64)
+        return np.asarray(kept, dtype=np.int64), means.astype(np.float32), counts, _wire_dp(record)
+    ids, means, counts = [], [], []
+    for c in kept:
+        centroids, sizes = class_prototypes(per_class[c], k=instruction.prototypes_per_class, min_size=min_images,
+                                            seed=instruction.seed)
+        ids += [c] * len(centroids)
+        means.append(centroids)
+        counts += sizes.tolist()
+    return (np.asarray(ids, dtype=np.int64), np.concatenate(means).astype(np.float32),
+            np.asarray(counts, dtype=np.int64), None)
+
+
+def _wire_dp(record: PrivacyRecord) -> DpRecord:
+    values = record.as_dict()
+    return DpRecord(**{key: values[key] for key in DpRecord.__dataclass_fields__})
+
+
+def _public_center(instruction: TrainInstruction, node: NodeSettings) -> np.ndarray | None:
+    """pooled: none (CLIP embeddings are unit vectors). tokens: the empty prompt's states, which every party
+    can compute, so clipping acts on the caption's departure from them rather than shrinking everything."""
+    if instruction.scheme == "pooled":
+        return None
+    device = resolve_device(node.device)
+    tokenizer, text_encoder = load_diffusion_text_encoder(instruction.encoder_id, device, resolve_dtype("auto", device))
+    return encode_tokens([""], tokenizer, text_encoder)[0].numpy()
+
+
+def _noise_key(output_dir: Path) -> bytes:
+    """A secret that never leaves this client: DP noise derives from it, so the server cannot predict it,
+    and the same data under the same settings gets the same noise (a retry or a preview costs no epsilon)."""
+    path = output_dir / "privacy" / "noise.key"
+    if not path.exists():
+        atomic_write_bytes(path, secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def upload_digest(upload: Upload) -> str:
+    """sha256 of what goes on the wire (arrays and metadata)."""
+    digest = hashlib.sha256(json.dumps(upload.meta(), sort_keys=True).encode())
+    for name, array in sorted(upload.arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def write_local_summary(node: NodeSettings, prepared: PreparedUpload) -> Path:
+    path = node.output_dir / "upload-summary.json"
+    atomic_write_json(path, prepared.local_summary)
+    return path
+

@@ -1,0 +1,12 @@
+"""The named choices server and clients agree on, in a module with no Flower import.
+
+The wire module, the config and the model loaders all use these; keeping them apart lets the
+benchmark and the server stages run where Flower is not installed (e.g. a GPU box for ``oscar-bench``).
+"""
+
+SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Divergences")
+SCHEDULERS = ("pndm", "ddim", "default")  # pndm: what the official code ran (SD-1.4's own)
+TRANSPORT_DTYPES = ("float32", "float16")  # how upload means travel
+SWITCHES = ("auto", "true", "false")  # tri-state run-config keys such as compile (auto: on CUDA only)
+TRAIN_RECIPES = ("official", "augmented")  # how the server trains its classifier (oscar_common.recipes)
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # training precision (oscar_common.training.resolve_precision)

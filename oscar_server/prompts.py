@@ -1,0 +1,84 @@
+"""The ``pooled`` scheme's prompts: every upload row decoded into text once, kept in ``prompts.json``.
+
+Each row (a client's mean CLIP embedding of one class, or one of its prototypes) is inverted into a hard
+prompt (:mod:`oscar_server.inversion`), then put into the prompt template with the class name in words
+("aircraft carrier", not the folder name "aircraft_carrier"). The records are the best way for a person
+to see what the server learned about each client, and a resumed stage reuses them as they are: inversion
+on a GPU is not bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oscar_common.config import OscarConfig
+from oscar_common.files import atomic_write_json
+from oscar_common.models import load_clip_text_encoder
+from oscar_common.wire import Upload
+from oscar_server.inversion import InvertedPrompt, invert_embeddings
+from oscar_server.synthesis_jobs import UploadRow, prompt_class_name
+
+log = logging.getLogger(__name__)
+
+
+def decode_prompts(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig, prompts_path: Path,
+                   device: torch.device) -> list[dict[str, Any]]:
+    """One record per row, aligned with ``rows``: ``client``, ``class_id``, ``class_name``, ``prototype``,
+    ``decoded`` (the inverted text), ``cosine`` (of its re-encoding to the mean) and ``prompt`` (what
+    Stable Diffusion gets). Reuses ``prompts_path`` when it covers every row, else decodes and writes it."""
+    inverted = _saved(prompts_path, rows)
+    if inverted is None:
+        inverted = _invert(rows, payloads, cfg, device)
+        fresh = True
+    else:
+        fresh = False
+    records = []
+    for row, decoded in zip(rows, inverted):
+        class_name = cfg.class_names[row.class_id]
+        records.append({
+            "client": row.client, "class_id": row.class_id, "class_name": class_name,
+            "prototype": row.prototype, "decoded": decoded.text, "cosine": round(float(decoded.cosine), 4),
+            "prompt": cfg.prompt_template.format(class_name=prompt_class_name(class_name), prompt=decoded.text),
+        })
+    if fresh:
+        atomic_write_json(prompts_path, records)
+        log.info("decoded %d prompts (mean cosine %.3f); saved to %s", len(records),
+                 sum(r["cosine"] for r in records) / max(1, len(records)), prompts_path)
+    return records
+
+
+def _invert(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig,
+            device: torch.device) -> list[InvertedPrompt]:
+    means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
+    targets = torch.stack([means[row.client][row.row] for row in rows])
+    # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
+    tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
+    try:
+        return invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
+                                 steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed,
+                                 chunk_size=cfg.inversion_chunk_size)
+    finally:
+        del text_model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _saved(prompts_path: Path, rows: list[UploadRow]) -> list[InvertedPrompt] | None:
+    """The saved decodings of ``rows``, or None if ``prompts_path`` is missing or lacks some row."""
+    if not prompts_path.exists():
+        return None
+    # Records written before prototypes existed have no "prototype": they are the class's only row.
+    saved = {(r["client"], r["class_id"], r.get("prototype", 0)): r for r in json.loads(prompts_path.read_text())}
+    keys = [(row.client, row.class_id, row.prototype) for row in rows]
+    if not all(key in saved for key in keys):
+        log.info("%s does not cover every upload row: decoding again", prompts_path)
+        return None
+    log.info("reusing the %d decoded prompts in %s", len(keys), prompts_path)
+    return [InvertedPrompt(text=saved[key]["decoded"], cosine=saved[key]["cosine"]) for key in keys]

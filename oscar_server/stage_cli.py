@@ -1,0 +1,70 @@
+"""What the server stages' commands share: ``RUN_DIR [--fresh] [--set key=value ...]``, the run's config,
+and log lines that say which process wrote them.
+
+A stage reads its settings from ``<run dir>/config.json`` (written by the ServerApp when the run starts);
+``--set`` changes some of them for this invocation only (run-config keys, kebab-case), e.g. to rerun a
+stage by hand with other settings together with ``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from oscar_common.config import OscarConfig
+from oscar_common.logs import FORMAT, interactive, setup_logging
+from oscar_server.run_dir import RunDirectory
+
+
+def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="an OSCAR run directory (holds config.json)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard this stage's outputs in RUN_DIR and start it again")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key of RUN_DIR/config.json for this invocation (repeatable)")
+    return parser
+
+
+def load_stage_config(run_dir: RunDirectory, overrides: list[str]) -> OscarConfig:
+    """The run's config from ``config.json``, with ``KEY=VALUE`` overrides; unknown keys are errors."""
+    path = run_dir.root / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir.root} is not an OSCAR run directory: it has no config.json "
+                                "(the ServerApp writes one when a run starts)")
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE (a run-config key such as guidance-scale=5), got {item!r}")
+        changes[key.strip()] = value.strip()
+    cfg = OscarConfig.from_run_config({**json.loads(path.read_text()), **changes})
+    unknown = sorted(set(changes) & set(cfg.extra))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) in --set: {unknown}; known keys: {sorted(cfg.to_dict())}")
+    return cfg
+
+
+def open_run_directory(path: str) -> RunDirectory:
+    return RunDirectory(Path(path).expanduser().resolve())
+
+
+def setup_stage_logging() -> None:
+    """Logging for a stage's process; with several processes (torchrun and ``accelerate launch`` set RANK
+    and WORLD_SIZE) each line names its process. Off a terminal, the libraries' loading bars stay quiet
+    (each redraw would be a log line of its own)."""
+    setup_logging()
+    if not interactive():
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank = os.environ.get("RANK", "?")
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", f"[rank {rank}/{world}] %(name)s")))

@@ -1,0 +1,213 @@
+"""The synthesis stage: the uploads of a run directory -> prompts (``pooled``) -> synthetic images.
+
+::
+
+    oscar-synthesize RUN_DIR [--fresh] [--set key=value ...]
+    python -m oscar_server.synthesize RUN_DIR ...
+    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.synthesize RUN_DIR
+
+It reads the run directory only (``config.json``, the finished upload round, ``prompts.json`` if there)
+and writes ``prompts.json``, ``synthetic/<class>/<client>__c<id>__<index>.png`` and
+``stages/synthesis-summary.json``. It can be rerun at any time: images that exist are skipped, never
+rewritten, so a killed stage resumes where it stopped. Before it reuses anything it checks that the
+settings that shape prompts and images are those recorded when the stage first ran
+(:mod:`oscar_server.fingerprint`); ``--fresh`` discards the stage's outputs instead.
+
+Under ``accelerate launch`` or ``torchrun`` the images are shared out among the processes (one per GPU):
+per-image seeds make the set the same whoever generates what. The main process decodes the prompts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from oscar_common.config import OscarConfig
+from oscar_common.devices import resolve_device
+from oscar_common.files import atomic_write_json
+from oscar_common.models import load_diffusion_pipeline
+from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage
+from oscar_server.generation import (
+    auto_batch_size,
+    configure_cuda,
+    generate_images,
+    generation_dtype,
+    prepare_pipeline,
+    use_compile,
+)
+from oscar_server.prompts import decode_prompts
+from oscar_server.run_dir import RunDirectory
+from oscar_server.stage_cli import load_stage_config, open_run_directory, setup_stage_logging, stage_arguments
+from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, upload_rows
+
+log = logging.getLogger("oscar.synthesis")
+
+STAGE = "synthesis"
+BARRIER_TIMEOUT = timedelta(hours=3)
+FRESH_HINT = "oscar-synthesize RUN_DIR --fresh"
+
+
+@dataclass
+class SynthesisSummary:
+    """What the stage did; also ``stages/synthesis-summary.json``, so a multi-process launch can hand it back."""
+
+    scheme: str
+    images: int  # the whole synthetic set: clients x classes x images-per-class
+    generated: int  # written by this invocation (the rest existed already)
+    seconds: float  # the whole stage, prompts and model loading included
+    generation_seconds: float  # first image started to last image written, over all processes; no compiling
+    images_per_second: float  # generated / generation_seconds
+    processes: int
+    devices: list[str]
+    dtype: str
+    batch_size: int
+    compile_seconds: float  # torch.compile warm-up (slowest process); 0 without compiling
+    prompts: list[dict[str, Any]] = field(default_factory=list)  # prompts.json's records (pooled)
+    stage: str = STAGE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "SynthesisSummary":
+        return cls(**record)
+
+
+def summary_path(run_dir: RunDirectory) -> Path:
+    return run_dir.root / "stages" / f"{STAGE}-summary.json"
+
+
+def synthesis_settings(cfg: OscarConfig) -> dict[str, Any]:
+    """The settings that shape prompts and images (resume safety). Not here: images-per-class (image i is
+    the same image whatever the count), batch size, processes and speed switches (they move pixels by at
+    most float rounding)."""
+    keys = ["scheme", "diffusion-model", "scheduler", "guidance-scale", "num-inference-steps",
+            "image-resolution", "seed", "class-names"]
+    if cfg.scheme == "pooled":
+        keys += ["text-encoder", "prompt-template", "inversion-tokens", "inversion-steps", "inversion-lr"]
+    values = cfg.to_dict()
+    return {key: values[key] for key in keys}
+
+
+def discard_synthesis(run_dir: RunDirectory) -> None:
+    """``--fresh``: remove prompts, images, the settings record and the summary."""
+    run_dir.prompts_path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir.synthetic_dir, ignore_errors=True)
+    summary_path(run_dir).unlink(missing_ok=True)
+    forget_stage(run_dir.root, STAGE)
+    log.info("discarded the synthesis outputs in %s", run_dir.root)
+
+
+def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = False) -> SynthesisSummary:
+    """Run the stage in this process, or as this process's share of a torchrun / accelerate launch."""
+    started = time.monotonic()
+    # 1. Processes and devices: one per GPU under a launcher, else the configured device.
+    device = resolve_device(cfg.device)
+    # The processes wait for each other: for the main process's prompt inversion (minutes at DomainNet
+    # scale), then for the slowest share. NCCL's default 10-minute timeout would cut that short.
+    state = PartialState(cpu=device.type == "cpu", timeout=BARRIER_TIMEOUT)
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device  # this process's GPU
+    configure_cuda(tf32=cfg.tf32)
+
+    # 2. Resume safety, once, before anything is reused.
+    if state.is_main_process:
+        if fresh:
+            discard_synthesis(run_dir)
+        check_stage_settings(run_dir.root, STAGE, synthesis_settings(cfg), fresh_hint=FRESH_HINT)
+    state.wait_for_everyone()
+
+    # 3. Conditioning per upload row, in (client, class, prototype) order: prompts or per-token means.
+    payloads = run_dir.accepted_uploads()
+    rows = upload_rows(payloads)
+    prompts: list[dict[str, Any]] = []
+    if cfg.scheme == "pooled":
+        with state.main_process_first():  # the main process decodes and saves; the others read prompts.json
+            prompts = decode_prompts(rows, payloads, cfg, run_dir.prompts_path, device)
+        conditioning: list[str] | torch.Tensor = [record["prompt"] for record in prompts]
+    else:
+        means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
+        conditioning = torch.stack([means[row.client][row.row] for row in rows])
+
+    # 4. The images still missing, shared out among the processes.
+    jobs = plan_jobs(rows, conditioning, class_names=cfg.class_names, images_per_class=cfg.images_per_class,
+                     base_seed=cfg.seed)
+    pending = [job for job in jobs if not (run_dir.synthetic_dir / job.relative_path).exists()]
+    log.info("synthesis: %d images, %d to generate on %d process(es)", len(jobs), len(pending), state.num_processes)
+    state.wait_for_everyone()  # every process has listed what is missing before any image is written
+    with state.split_between_processes(pending) as mine:
+        local = _generate(mine, run_dir, cfg, device)
+
+    # 5. One summary for all processes.
+    shares = gather_object([local])
+    working = [s for s in shares if s["generated"]]
+    generation_seconds = (max(s["finished"] for s in working) - min(s["started"] for s in working)) if working else 0.0
+    generated = sum(s["generated"] for s in shares)
+    summary = SynthesisSummary(
+        scheme=cfg.scheme, images=len(jobs), generated=generated, seconds=round(time.monotonic() - started, 2),
+        generation_seconds=round(generation_seconds, 2),
+        images_per_second=round(generated / generation_seconds, 4) if generation_seconds > 0 else 0.0,
+        processes=state.num_processes, devices=[s["device"] for s in shares], dtype=local["dtype"],
+        batch_size=max(s["batch_size"] for s in shares),
+        compile_seconds=round(max(s["compile_seconds"] for s in shares), 2), prompts=prompts)
+    if state.is_main_process:
+        atomic_write_json(summary_path(run_dir), summary.to_dict())
+        log.info("synthesis done: %d images (%d generated now) in %.1f s, %.3f img/s on %s", summary.images,
+                 summary.generated, summary.seconds, summary.images_per_second, ", ".join(summary.devices))
+    state.wait_for_everyone()
+    return summary
+
+
+def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
+              device: torch.device) -> dict[str, Any]:
+    """This process's share; returns its numbers for the summary. No jobs: no model is loaded."""
+    dtype = generation_dtype(cfg.dtype, device)
+    share = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "generated": 0,
+             "started": 0.0, "finished": 0.0, "batch_size": 0, "compile_seconds": 0.0}
+    if not jobs:
+        return share
+    pipe = load_diffusion_pipeline(cfg.diffusion_model, device, dtype, scheduler=cfg.scheduler)
+    batch_size = min(cfg.generation_batch_size or auto_batch_size(pipe, cfg.image_resolution), len(jobs))
+    share["batch_size"] = batch_size
+    share["compile_seconds"] = prepare_pipeline(
+        pipe, fuse_qkv=cfg.fuse_qkv, compile=use_compile(cfg.compile, device), compile_mode=cfg.compile_mode,
+        batch_size=batch_size, resolution=cfg.image_resolution, guidance_scale=cfg.guidance_scale)
+    share["started"] = time.time()  # wall clock: comparable between the processes
+    result = generate_images(pipe, jobs, run_dir.synthetic_dir, guidance_scale=cfg.guidance_scale,
+                             num_inference_steps=cfg.num_inference_steps, resolution=cfg.image_resolution,
+                             batch_size=batch_size, png_writers=cfg.png_writers)
+    share["finished"], share["generated"] = time.time(), len(result.written)
+    del pipe
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return share
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_arguments("oscar-synthesize", "OSCAR's synthesis stage: uploads -> prompts -> synthetic "
+                           "images, resumable, on one or (under accelerate launch) several GPUs").parse_args(argv)
+    setup_stage_logging()
+    run_dir = open_run_directory(args.run_dir)
+    try:
+        cfg = load_stage_config(run_dir, args.overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"oscar-synthesize: {exc}") from exc
+    try:
+        synthesize_run(run_dir, cfg, fresh=args.fresh)
+    except (StageSettingsChanged, FileNotFoundError) as exc:  # said plainly, without a traceback
+        raise SystemExit(f"oscar-synthesize: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

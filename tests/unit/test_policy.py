@@ -1,0 +1,31 @@
+"""A client's own choices: it can be stricter than the server, never looser."""
+
+from __future__ import annotations
+
+import pytest
+
+from oscar_client.policy import ClientPolicy
+from oscar_common.config import OscarConfig
+
+
+def test_the_client_can_raise_the_minimum_and_lower_epsilon_never_the_reverse() -> None:
+    strict_server = OscarConfig(class_names=("a",), min_images_per_class=10, dp_max_epsilon=4,
+                                share_counts=True).train_instruction()
+    lax_server = OscarConfig(class_names=("a",), min_images_per_class=10).train_instruction()
+    client = ClientPolicy.from_node_config({"min-images-per-class": 20, "dp-epsilon": 2, "share-counts": "false"})
+    assert client.min_images(strict_server) == 20 and client.epsilon(strict_server) == 2
+    assert not client.shares_counts(strict_server)
+    greedy = ClientPolicy.from_node_config({"min-images-per-class": 3, "dp-epsilon": 8})
+    assert greedy.min_images(strict_server) == 10 and greedy.epsilon(strict_server) == 4
+    assert ClientPolicy().epsilon(strict_server) == 4  # the server requires DP: the client applies it
+    assert ClientPolicy().epsilon(lax_server) == 0 and ClientPolicy().shares_counts(strict_server)
+
+
+@pytest.mark.parametrize("node_config, message", [
+    ({"dp-delta": 2}, "dp-delta must be in"),
+    ({"caption-cache": "sometimes"}, "caption-cache must be true or false"),
+    ({"dp-epsilon": -1}, "must be >= 0"),
+])
+def test_bad_node_config_is_named(node_config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClientPolicy.from_node_config(node_config)

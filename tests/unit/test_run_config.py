@@ -1,0 +1,37 @@
+"""oscar-config: every bad key and value named before `flwr run`, and a TOML file merged with overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from oscar_common.run_config import load_run_config, main, run_config_problems
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo-simulation.toml"
+
+
+def test_a_misspelled_key_is_named_with_the_nearest_ones(capsys: pytest.CaptureFixture) -> None:
+    assert main([str(EXAMPLE), "imagess-per-class=2", "guidance-scale=-1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'imagess-per-class': did you mean 'images-per-class'" in err
+    assert "guidance-scale must be >= 1" in err
+
+
+def test_a_toml_file_and_overrides_merge_left_to_right(tmp_path: Path) -> None:
+    out = tmp_path / "run.toml"
+    assert main([str(EXAMPLE), "run-name='again'", "epochs=2", "--out", str(out)]) == 0
+    merged = tomllib.loads(out.read_text())
+    assert merged["run-name"] == "again" and merged["epochs"] == 2
+    assert merged["class-names"] == tomllib.loads(EXAMPLE.read_text())["class-names"]
+
+
+def test_the_example_configs_are_valid() -> None:
+    for path in sorted(EXAMPLE.parent.glob("**/*.toml")):
+        assert run_config_problems(load_run_config([str(path)])) == [], path
+
+
+def test_sources_that_are_neither_file_nor_pair_are_refused(capsys: pytest.CaptureFixture) -> None:
+    assert main(["no-such-file.toml"]) == 1
+    assert "neither a TOML file nor key=value" in capsys.readouterr().err
