@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flwr.common.config import parse_config_args
-from torch.utils.data import ConcatDataset
 
 from oscar_common.node_settings import NodeSettings
 from oscar_common.classifier import (
@@ -31,13 +30,18 @@ from oscar_common.classifier import (
     eval_transform,
     evaluate_classifier,
     save_classifier,
-    train_classifier,
-    train_transform,
 )
 from oscar_common.devices import resolve_device
 from oscar_common.data import ImageListDataset
 from oscar_common.files import atomic_write_json
+from oscar_common.image_cache import decode_images
 from oscar_common.logs import setup_logging
+from oscar_common.recipes import resolve_recipe
+from oscar_common.training import train_classifier
+
+# Random crops and flips, StepLR(7, 0.1): the recipe these baselines have always used (epochs, batch size
+# and lr are their own arguments).
+RECIPE = "augmented"
 
 log = logging.getLogger("oscar.centralized")
 
@@ -67,17 +71,19 @@ def run_centralized(
     class_names = list(class_names)
     started = time.monotonic()
     splits = {c.name: c.load_split(class_names, seed)[:2] for c in clients}
-    train_set = ConcatDataset([ImageListDataset.from_samples(train, class_names, train_transform(image_size))
-                               for train, _ in splits.values()])
-    log.info("training on %d images of %d clients", len(train_set), len(clients))
+    recipe = resolve_recipe(RECIPE, epochs=epochs, lr=lr, batch_size=batch_size)
     torch_device = resolve_device(device)
+    samples = [s for train, _ in splits.values() for s in train]
+    train_set = decode_images([s.path for s in samples], [class_names.index(s.class_name) for s in samples],
+                              side=recipe.cache_size(image_size), device=torch_device, num_workers=0)
+    log.info("training on %d images of %d clients", len(train_set), len(clients))
     model = build_classifier(len(class_names), pretrained=pretrained, seed=seed)
-    stats = train_classifier(model, train_set, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                             device=torch_device)
+    stats = train_classifier(model, train_set, recipe=recipe, image_size=image_size, seed=seed,
+                             device=torch_device, precision="auto")
     results = []
     for client in clients:
         train, test = splits[client.name]
-        test_set = ImageListDataset.from_samples(test, class_names, eval_transform(image_size))
+        test_set = ImageListDataset.from_samples(test, class_names, eval_transform(image_size, RECIPE))
         result = evaluate_classifier(model, test_set, len(class_names), batch_size=64, device=torch_device)
         log.info("client %s: test accuracy %.4f on %d images", client.name, result.accuracy, result.n)
         results.append({
@@ -94,7 +100,8 @@ def run_centralized(
                    "device": device},
         "model": {"architecture": ARCHITECTURE, "num_classes": len(class_names)},
         "clients": results,
-        "training": {"images": len(train_set), "epochs": epochs, "seconds": round(stats.seconds, 2),
+        "training": {"images": len(train_set), "unreadable_images": len(train_set.unreadable), "epochs": epochs,
+                     "seconds": round(stats.seconds, 2),
                      "train_accuracy": stats.train_accuracy, "losses": [round(x, 5) for x in stats.losses]},
         "accuracy": {"mean": sum(r["test_accuracy"] for r in results) / len(results),
                      "weighted": sum(r["test_accuracy"] * r["num_test"] for r in results) / n_test},

@@ -11,6 +11,7 @@ with the new state dict and ``num-examples`` (FedAvg's weight).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,19 +20,18 @@ from torch import nn
 
 from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METRICS_KEY
 from oscar_common.node_settings import NodeSettings
-from oscar_common.classifier import (
-    build_classifier,
-    eval_transform,
-    evaluate_classifier,
-    train_classifier,
-    train_transform,
-)
+from oscar_common.classifier import build_classifier, eval_transform, evaluate_classifier
 from oscar_common.devices import resolve_device
 from oscar_common.data import ImageListDataset
+from oscar_common.image_cache import decode_images
 from oscar_common.logs import setup_logging
+from oscar_common.recipes import resolve_recipe
+from oscar_common.training import train_classifier
 
 log = logging.getLogger("oscar.fedavg.client")
 app = ClientApp()
+# Random crops and flips, StepLR(7, 0.1) over the local epochs: the recipe this baseline has always used.
+RECIPE = "augmented"
 
 
 @app.train()
@@ -42,12 +42,17 @@ def train(msg: Message, context: Context) -> Message:
     class_names = list(config["class-names"])
     model = _global_model(msg, len(class_names))
     train_samples, _, _ = node.load_split(class_names, int(config["seed"]))
-    dataset = ImageListDataset.from_samples(train_samples, class_names,
-                                            train_transform(int(config["classifier-image-size"])))
+    image_size = int(config["classifier-image-size"])
+    recipe = dataclasses.replace(  # FedAvg averages what local training ends with: the last epoch
+        resolve_recipe(RECIPE, epochs=int(config["local-epochs"]), lr=float(config["lr"]),
+                       batch_size=int(config["batch-size"])), keep_best_epoch=False)
+    device = resolve_device(node.device)
+    dataset = decode_images([s.path for s in train_samples], [class_names.index(s.class_name) for s in train_samples],
+                            side=recipe.cache_size(image_size), device=device, num_workers=0)
     server_round = int(config["server-round"])
-    stats = train_classifier(model, dataset, epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                             lr=float(config["lr"]), seed=int(config["seed"]) + server_round,
-                             device=resolve_device(node.device), log_every_epoch=False)
+    stats = train_classifier(model, dataset, recipe=recipe, image_size=image_size,
+                             seed=int(config["seed"]) + server_round, device=device, precision="auto",
+                             log_every_epoch=False)
     log.info("client %s, round %d: %d local epochs on %d images, loss %.4f, train accuracy %.4f",
              node.name, server_round, stats.epochs, len(dataset), stats.losses[-1], stats.train_accuracy)
     return Message(content=RecordDict({
@@ -67,7 +72,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _global_model(msg, len(class_names))
     _, test_samples, _ = node.load_split(class_names, int(config["seed"]))
     dataset = ImageListDataset.from_samples(test_samples, class_names,
-                                            eval_transform(int(config["classifier-image-size"])))
+                                            eval_transform(int(config["classifier-image-size"]), RECIPE))
     result = evaluate_classifier(model, dataset, len(class_names), batch_size=64, device=resolve_device(node.device))
     log.info("client %s, round %s: test accuracy %.4f on %d images", node.name, config["server-round"],
              result.accuracy, result.n)

@@ -13,6 +13,7 @@ through ``oscar_common.wire``), so the run's defaults are read from pyproject's 
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from oscar_bench.architectures import DiffusionParts
-from oscar_common.classifier import build_classifier, train_classifier, train_transform
-from oscar_common.data import ImageListDataset
+from oscar_common.classifier import build_classifier
+from oscar_common.image_cache import decode_images, decode_workers
+from oscar_common.recipes import resolve_recipe
+from oscar_common.training import train_classifier
 from oscar_server.generation import auto_batch_size, generation_dtype
 from oscar_common.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis import generate_images, jobs_for_prompts
@@ -88,7 +91,7 @@ def project_generate(pipe: StableDiffusionPipeline, *, prompts: Sequence[str], o
 # ---------------------------------------------------------------------------------------- training
 @dataclass
 class TrainingTimes:
-    first_epoch_seconds: float  # the first epoch: warm-up (cuDNN autotuning; a decode cache when there is one)
+    first_epoch_seconds: float  # decoding the PNGs once + the first epoch (cuDNN autotuning)
     epochs: int  # timed epochs after the first
     seconds: float
     batch_size: int
@@ -97,16 +100,21 @@ class TrainingTimes:
 
 def project_train(items: Sequence[tuple[Path, int]], *, num_classes: int, image_size: int, epochs: int,
                   device: torch.device, defaults: dict[str, Any]) -> TrainingTimes:
-    """Train the server's classifier on PNG files as a run's training stage does: one epoch to warm up,
-    then ``epochs`` timed ones. ImageNet weights are not used (nothing is downloaded; same cost)."""
-    dataset = ImageListDataset(list(items), train_transform(image_size))
+    """Train the server's classifier on PNG files as a run's training stage does (oscar_server.train):
+    decode once, then one epoch to warm up and ``epochs`` timed ones, with the run's recipe and precision.
+    ImageNet weights are not used (nothing is downloaded; same cost)."""
+    recipe = resolve_recipe(str(defaults["train-recipe"]), epochs=int(defaults["epochs"]), lr=float(defaults["lr"]),
+                            batch_size=int(defaults["batch-size"]))
+    workers = decode_workers(int(defaults["decode-workers"]), len(items), 1)
+    data = decode_images([path for path, _ in items], [label for _, label in items],
+                         side=recipe.cache_size(image_size), device=device, num_workers=workers)
     model = build_classifier(num_classes, pretrained=False, seed=0)
-    common = dict(batch_size=int(defaults["batch-size"]), lr=float(defaults["lr"]), seed=int(defaults["seed"]),
-                  device=device, log_every_epoch=False)
-    first = train_classifier(model, dataset, epochs=1, **common)
-    timed = train_classifier(model, dataset, epochs=epochs, **common)
-    return TrainingTimes(first_epoch_seconds=first.seconds, epochs=epochs, seconds=timed.seconds,
-                         batch_size=common["batch_size"], num_workers=0)
+    common = dict(image_size=image_size, seed=int(defaults["seed"]), device=device,
+                  precision=str(defaults["train-precision"]), log_every_epoch=False)
+    first = train_classifier(model, data, recipe=dataclasses.replace(recipe, epochs=1), **common)
+    timed = train_classifier(model, data, recipe=dataclasses.replace(recipe, epochs=epochs), **common)
+    return TrainingTimes(first_epoch_seconds=data.seconds + first.seconds, epochs=epochs, seconds=timed.seconds,
+                         batch_size=recipe.batch_size, num_workers=workers)
 
 
 # --------------------------------------------------------------------------------------- inversion

@@ -27,12 +27,13 @@ from flwr.clientapp import ClientApp
 from oscar_client.policy import ClientPolicy
 from oscar_client.preview import check_preview_approval
 from oscar_client.upload import prepare_upload, write_local_summary
-from oscar_common.classifier import classifier_from_bytes, eval_transform, evaluate_classifier
+from oscar_common.classifier import classifier_from_bytes, evaluate_classifier
 from oscar_common.data import ImageListDataset
 from oscar_common.devices import resolve_device
 from oscar_common.files import atomic_write_bytes, safe_filename
 from oscar_common.logs import setup_logging
 from oscar_common.node_settings import NodeSettings
+from oscar_common.recipes import Preprocessing, standard_preprocessing
 from oscar_common.wire import (
     ClientFailure,
     EvaluateInstruction,
@@ -96,7 +97,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
     atomic_write_bytes(weights_path, blob)
 
     _, test_samples, _ = node.load_split(class_names, instruction.seed)
-    dataset = ImageListDataset.from_samples(test_samples, class_names, eval_transform(instruction.image_size),
+    # The training recipe's test transform, as the server sent it (a server that sends none: the standard one).
+    preprocessing = (Preprocessing.from_config(instruction.preprocessing) if instruction.preprocessing
+                     else standard_preprocessing(instruction.image_size))
+    dataset = ImageListDataset.from_samples(test_samples, class_names, preprocessing.transform(),
                                             skip_unreadable=True)
     result = evaluate_classifier(model, dataset, len(class_names), batch_size=64, device=resolve_device(node.device))
     log.info("client %s: test accuracy %.4f on %d images (%d unreadable skipped); weights saved to %s",

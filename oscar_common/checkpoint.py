@@ -1,7 +1,8 @@
-"""Training checkpoints as safetensors: model, SGD momentum, LR schedule and history, never pickled.
+"""Training checkpoints as safetensors: model, SGD momentum, best weights and history, never pickled.
 
 Written atomically after every epoch, so a server killed mid-training resumes from its last complete
-epoch and a half-written checkpoint is never read.
+epoch and a half-written checkpoint is never read. The learning rate is a function of the epoch
+(:meth:`oscar_common.recipes.Recipe.lr_at`), so no scheduler state is needed.
 """
 
 from __future__ import annotations
@@ -16,19 +17,32 @@ from safetensors.torch import save
 
 from oscar_common.files import atomic_write_bytes
 
-FORMAT = "oscar-train-checkpoint-1"
+FORMAT = "oscar-train-checkpoint-2"
 
 
 @dataclass
 class TrainingProgress:
     epoch: int = 0  # epochs completed
-    losses: list[float] = field(default_factory=list)
-    accuracies: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    accuracies: list[float] = field(default_factory=list)  # training accuracy per epoch
+    best_epoch: int = 0  # epoch whose weights are kept (best training accuracy, first of ties); 0: none
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # CPU copy of its weights
+
+    @property
+    def best_accuracy(self) -> float:
+        return self.accuracies[self.best_epoch - 1] if self.best_epoch else -1.0
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: TrainingProgress) -> None:
+                    progress: TrainingProgress) -> None:
+    atomic_write_bytes(path, checkpoint_bytes(model, optimizer, progress))
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> bytes:
+    """The checkpoint as bytes: a snapshot, so training may go on while another thread writes it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if progress.best_epoch != progress.epoch:  # else the best weights are the model's: not stored twice
+        tensors.update({f"best.{k}": v.contiguous() for k, v in progress.best_state.items()})
     opt_state = optimizer.state_dict()
     for index, state in opt_state["state"].items():
         for name, value in state.items():
@@ -39,19 +53,19 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "epoch": str(progress.epoch),
         "losses": json.dumps(progress.losses),
         "accuracies": json.dumps(progress.accuracies),
+        "best_epoch": str(progress.best_epoch),
         "param_groups": json.dumps(opt_state["param_groups"]),
-        "scheduler": json.dumps(scheduler.state_dict()),
     }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return save(tensors, metadata=metadata)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainingProgress:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingProgress:
     """Restore everything :func:`save_checkpoint` wrote; raises ``ValueError`` for a foreign file."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an OSCAR training checkpoint")
+            raise ValueError(f"{path} is not an OSCAR training checkpoint of format {FORMAT} (found "
+                             f"{metadata.get('format')!r}); delete it to train from the start")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -60,6 +74,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    scheduler.load_state_dict(json.loads(metadata["scheduler"]))
-    return TrainingProgress(epoch=int(metadata["epoch"]), losses=json.loads(metadata["losses"]),
-                            accuracies=json.loads(metadata["accuracies"]))
+    progress = TrainingProgress(epoch=int(metadata["epoch"]), losses=json.loads(metadata["losses"]),
+                                accuracies=json.loads(metadata["accuracies"]), best_epoch=int(metadata["best_epoch"]),
+                                best_state={k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")})
+    if progress.best_epoch == progress.epoch and progress.best_epoch:
+        progress.best_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return progress

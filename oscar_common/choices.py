@@ -8,3 +8,5 @@ SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Diverge
 SCHEDULERS = ("pndm", "ddim", "default")  # pndm: what the official code ran (SD-1.4's own)
 TRANSPORT_DTYPES = ("float32", "float16")  # how upload means travel
 SWITCHES = ("auto", "true", "false")  # tri-state run-config keys such as compile (auto: on CUDA only)
+TRAIN_RECIPES = ("official", "augmented")  # how the server trains its classifier (oscar_common.recipes)
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # training precision (oscar_common.training.resolve_precision)

@@ -14,8 +14,7 @@ import logging
 import os
 import socket
 import struct
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,17 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision.transforms import v2
-from oscar_common.logs import progress
 
 from oscar_common.data import collate_readable
 from oscar_common.files import atomic_write_bytes
-from oscar_common.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint
+from oscar_common.logs import progress
+from oscar_common.recipes import eval_preprocessing
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "resnet18"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -93,118 +90,19 @@ def _imagenet_resnet18() -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- transforms
-def train_transform(image_size: int) -> v2.Compose:
-    """Augmentation of the official code: RandomResizedCrop + horizontal flip + ImageNet normalisation."""
-    return v2.Compose([
-        v2.RGB(),
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def eval_transform(image_size: int, recipe: str) -> v2.Compose:
+    """How a client prepares test images for a model trained with ``recipe`` (see
+    :func:`oscar_common.recipes.eval_preprocessing`; clients get the same values as plain config)."""
+    return eval_preprocessing(image_size, recipe).transform()
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Resize to ``image_size * 256 / 224`` then center-crop ``image_size`` (ImageNet's 256 -> 224)."""
-    return v2.Compose([
-        v2.RGB(),
-        v2.ToImage(),
-        v2.Resize(round(image_size * 256 / 224), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-# ------------------------------------------------------------------------------ train / evaluate
-@dataclass
-class TrainStats:
-    epochs: int
-    seconds: float
-    train_accuracy: float  # of the last epoch, on augmented images
-    losses: list[float] = field(default_factory=list)  # mean loss per epoch
-    accuracies: list[float] = field(default_factory=list)  # train accuracy per epoch
-
-
+# ------------------------------------------------------------------------------------- evaluate
 @dataclass
 class EvalResult:
     accuracy: float
     per_class_accuracy: dict[int, float]  # only classes present in the data set
     n: int
     unreadable: int = 0  # test images that could not be decoded (left out of n)
-
-
-def train_classifier(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str,
-    momentum: float = 0.9,
-    step_size: int = 7,
-    gamma: float = 0.1,
-    num_workers: int = 0,
-    log_every_epoch: bool = True,
-    checkpoint: Path | None = None,
-) -> TrainStats:
-    """Train in place with SGD + StepLR and cross-entropy; deterministic given ``seed`` on CPU.
-
-    With ``checkpoint``, the state is saved there after every epoch and, if the file exists at the
-    start, training continues after its last epoch. Every epoch reseeds the shuffling and the
-    augmentations from (seed, epoch), so a resumed run replays the epochs an uninterrupted one would.
-    """
-    n = len(dataset)
-    if n < 2:
-        raise ValueError(f"need at least 2 training images (BatchNorm), got {n}")
-    device = torch.device(device)
-    model.to(device).train()
-    shuffle = torch.Generator()
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=shuffle,
-        drop_last=n % batch_size == 1 and n > batch_size,  # a batch of one breaks BatchNorm
-        pin_memory=device.type == "cuda",
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    criterion = nn.CrossEntropyLoss()
-    state = TrainingProgress()
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(Path(checkpoint), model, optimizer, scheduler)
-        logger.info("resuming training from %s after epoch %d/%d", checkpoint, state.epoch, epochs)
-    # stats shares the history lists with state: what an epoch appends is also checkpointed
-    stats = TrainStats(epochs=epochs, seconds=0.0, train_accuracy=0.0, losses=state.losses,
-                       accuracies=state.accuracies)
-    start = time.perf_counter()
-    for epoch in range(state.epoch + 1, epochs + 1):
-        torch.manual_seed(seed * 100_003 + epoch)  # the augmentations (num_workers == 0)
-        shuffle.manual_seed(seed * 100_003 + epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for inputs, labels in progress(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch", logger=logger):
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = criterion(logits, labels)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.numel()
-        scheduler.step()
-        stats.losses.append(loss_sum / seen)
-        stats.accuracies.append(correct / seen)
-        if log_every_epoch:
-            logger.info("epoch %d/%d loss %.4f acc %.4f", epoch, epochs, stats.losses[-1],
-                        stats.accuracies[-1])
-        if checkpoint is not None:
-            state.epoch = epoch
-            save_checkpoint(Path(checkpoint), model, optimizer, scheduler, state)
-    stats.seconds = time.perf_counter() - start
-    stats.train_accuracy = stats.accuracies[-1] if stats.accuracies else 0.0
-    return stats
 
 
 @torch.inference_mode()

@@ -14,7 +14,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
-from oscar_common.choices import SCHEDULERS, SCHEMES, SWITCHES, TRANSPORT_DTYPES
+from oscar_common.choices import (
+    SCHEDULERS,
+    SCHEMES,
+    SWITCHES,
+    TRAIN_PRECISIONS,
+    TRAIN_RECIPES,
+    TRANSPORT_DTYPES,
+)
 
 if TYPE_CHECKING:
     from oscar_common.wire import TrainInstruction
@@ -57,12 +64,15 @@ class OscarConfig:
     prototypes_per_class: int = 1
     transport_dtype: str = "float32"
     dp_max_epsilon: float = 0.0  # > 0: every upload must be differentially private with at most this epsilon
-    # --- classifier trained on the synthetic set ---
+    # --- classifier trained on the synthetic set (ImageNet ResNet-18; recipes in oscar_common.recipes) ---
     classifier_pretrained: bool = True
     classifier_image_size: int = 224
-    epochs: int = 25
-    batch_size: int = 32
-    lr: float = 0.001
+    epochs: int = 0  # 0: the recipe's value (official 20, augmented 25)
+    batch_size: int = 0  # 0: the recipe's value (official 256, augmented 32)
+    lr: float = 0.0  # 0: the recipe's value (official 5e-4, augmented 1e-3)
+    train_recipe: str = "official"  # official | augmented (oscar_common.recipes says why official)
+    train_precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    decode_workers: int = -1  # processes decoding training images once; -1: from the CPU count
     # --- execution ---
     seed: int = 0
     device: str = "auto"
@@ -142,9 +152,10 @@ _RANGES: list[tuple[str, str, Any]] = [
     ("prototypes_per_class", ">= 1", lambda v: v >= 1),
     ("dp_max_epsilon", ">= 0 (0: differential privacy not required)", lambda v: v >= 0),
     ("classifier_image_size", ">= 32", lambda v: v >= 32),
-    ("epochs", ">= 1", lambda v: v >= 1),
-    ("batch_size", ">= 1", lambda v: v >= 1),
-    ("lr", "> 0", lambda v: v > 0),
+    ("epochs", ">= 0 (0: the train-recipe's value)", lambda v: v >= 0),
+    ("batch_size", ">= 0 (0: the train-recipe's value)", lambda v: v >= 0),
+    ("lr", ">= 0 (0: the train-recipe's value)", lambda v: v >= 0),
+    ("decode_workers", ">= 0, or -1 (from the CPU count)", lambda v: v >= -1),
     ("seed", ">= 0", lambda v: v >= 0),
     ("min_clients", ">= 1", lambda v: v >= 1),
     ("wait_for_clients_timeout", "> 0 seconds", lambda v: v > 0),
@@ -165,6 +176,10 @@ def config_problems(cfg: "OscarConfig") -> list[str]:
         problems.append(f"scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}")
+    if cfg.train_recipe not in TRAIN_RECIPES:
+        problems.append(f"train-recipe must be one of {TRAIN_RECIPES}, got {cfg.train_recipe!r}")
+    if cfg.train_precision not in TRAIN_PRECISIONS:
+        problems.append(f"train-precision must be one of {TRAIN_PRECISIONS}, got {cfg.train_precision!r}")
     if cfg.transport_dtype not in TRANSPORT_DTYPES:
         problems.append(f"transport-dtype must be one of {TRANSPORT_DTYPES}, got {cfg.transport_dtype!r}")
     for name, rule, check in _RANGES:

@@ -230,7 +230,7 @@ def load_client_split(
     return train, test
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
 
@@ -244,7 +244,7 @@ def load_rgb_images(
     bad: list[Sample] = []
     for index, sample in enumerate(progress(samples, desc="load images", unit="img", leave=False, logger=logger)):
         try:
-            images.append(_open_rgb(sample.path))
+            images.append(open_rgb(sample.path))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             # UnidentifiedImageError is an OSError; truncated files raise OSError on decode.
             logger.warning("skipping unreadable image %s: %s", sample.path, exc)
@@ -298,7 +298,7 @@ class ImageListDataset(Dataset):
             image = source.convert("RGB")
         else:
             try:
-                image = _open_rgb(Path(source))
+                image = open_rgb(Path(source))
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 if self.skip_unreadable:
                     logger.warning("skipping unreadable image %s: %s", source, exc)

@@ -17,7 +17,7 @@ from oscar_common.data import load_client_split
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
 from oscar_demo.federation import ClientSpec, LocalFederation
 
-FEDAVG_APP = Path(__file__).resolve().parents[1] / "baselines" / "fedavg"
+FEDAVG_APP = Path(__file__).resolve().parents[2] / "baselines" / "fedavg"
 
 
 def _state_dict_bytes(num_classes: int) -> int:

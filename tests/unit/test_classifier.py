@@ -22,10 +22,11 @@ from oscar_common.classifier import (
     evaluate_classifier,
     load_classifier,
     save_classifier,
-    train_classifier,
-    train_transform,
 )
 from oscar_common.data import ImageListDataset
+from oscar_common.image_cache import decode_images
+from oscar_common.recipes import resolve_recipe
+from oscar_common.training import train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +48,23 @@ def _blob(model, **kwargs) -> bytes:
     return classifier_to_bytes(model, {"run": "test"}, **kwargs)
 
 
+def _cache(items, side):
+    return decode_images([image for image, _ in items], [label for _, label in items], side=side, device="cpu",
+                         num_workers=0)
+
+
 def test_trainer_learns_held_out_digits(digits):
     train, test = digits
     model = build_classifier(3, seed=0)
-    # Training images go through eval_transform: this checks the optimiser loop, not the augmentation.
-    stats = train_classifier(model, ImageListDataset(train, eval_transform(32)), epochs=6, batch_size=16,
-                             lr=0.003, seed=0, device="cpu", step_size=4)
-    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32)), 3,
+    recipe = resolve_recipe("official", epochs=6, lr=0.003, batch_size=16)  # no augmentation
+    stats = train_classifier(model, _cache(train, 32), recipe=recipe, image_size=32, seed=0, device="cpu",
+                             precision="auto")
+    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
                                  batch_size=64, device="cpu")
-    assert stats.epochs == 6 and len(stats.losses) == 6 and stats.seconds > 0
+    assert stats.epochs == 6 and stats.epochs_run == 6 and len(stats.losses) == 6 and stats.seconds > 0
+    assert stats.images == 120 and stats.precision == "fp32" and stats.lrs == [0.003] * 6
     assert stats.losses[-1] < stats.losses[0]
+    assert stats.train_accuracy == max(stats.accuracies) == stats.accuracies[stats.best_epoch - 1]
     assert result.n == 150
     assert set(result.per_class_accuracy) == {0, 1, 2}
     assert result.accuracy >= 0.9, result
@@ -64,11 +72,12 @@ def test_trainer_learns_held_out_digits(digits):
 
 def test_training_is_deterministic_given_seed(digits):
     train = digits[0][::10]  # 12 images: determinism, not accuracy
+    recipe = resolve_recipe("augmented", epochs=1, lr=0.01, batch_size=4)  # random crops and flips
 
     def run() -> dict[str, torch.Tensor]:
         model = build_classifier(3, seed=1)
-        train_classifier(model, ImageListDataset(train, train_transform(32)), epochs=1, batch_size=4,
-                         lr=0.01, seed=5, device="cpu", log_every_epoch=False)
+        train_classifier(model, _cache(train, recipe.cache_size(32)), recipe=recipe, image_size=32, seed=5,
+                         device="cpu", precision="fp32", log_every_epoch=False)
         return model.state_dict()
 
     first, second = run(), run()
@@ -76,14 +85,14 @@ def test_training_is_deterministic_given_seed(digits):
     assert not torch.equal(first["fc.weight"], build_classifier(3, seed=1).state_dict()["fc.weight"])
 
 
-def test_transforms_output_normalised_rgb_of_requested_size():
+def test_eval_transform_outputs_normalised_rgb_of_requested_size():
     gray = Image.fromarray(np.full((50, 40), 255, dtype=np.uint8))  # mode "L"
-    for transform in (train_transform(24), eval_transform(24)):
-        out = transform(gray)
+    for recipe in ("official", "augmented"):
+        out = eval_transform(24, recipe)(gray)
         assert out.shape == (3, 24, 24) and out.dtype == torch.float32
-    # White normalised with the ImageNet statistics: (1 - mean) / std per channel.
-    assert eval_transform(24)(gray)[:, 12, 12].tolist() == pytest.approx(
-        [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)
+        # White normalised with the ImageNet statistics: (1 - mean) / std per channel.
+        assert out[:, 12, 12].tolist() == pytest.approx(
+            [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)
 
 
 def test_evaluate_reports_per_class_accuracy_for_present_classes_only():

@@ -45,10 +45,13 @@ def test_overrides_are_coerced() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     ({"scheme": "pixels"}, "scheme must be one of"),
-    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"epochs": -1}, "epochs must be >= 0"),
+    ({"train-recipe": "fast"}, "train-recipe must be one of"),
+    ({"train-precision": "fp8"}, "train-precision must be one of"),
+    ({"decode-workers": -2}, "decode-workers must be >= 0, or -1"),
     ({"guidance-scale": -1}, "guidance-scale must be >= 1"),
-    ({"lr": 0}, "lr must be > 0"),
-    ({"batch-size": 0}, "batch-size must be >= 1"),
+    ({"lr": -0.1}, "lr must be >= 0"),
+    ({"batch-size": -1}, "batch-size must be >= 0"),
     ({"train-timeout": -5}, "train-timeout must be > 0 seconds"),
     ({"image-resolution": 100}, "image-resolution must be 0 (native) or a multiple of 8"),
     ({"inversion-tokens": 80}, "inversion-tokens must be between 1 and 75"),
@@ -74,5 +77,5 @@ def test_bad_values_name_the_key(overrides: dict, message: str) -> None:
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ValueError) as info:
-        OscarConfig.from_run_config({"guidance-scale": -1, "lr": -0.1, "epochs": 0})
+        OscarConfig.from_run_config({"guidance-scale": -1, "lr": -0.1, "epochs": -1})
     assert all(key in str(info.value) for key in ("guidance-scale", "lr", "epochs"))

@@ -1,0 +1,284 @@
+"""The training stage: a run directory's synthetic images -> its ResNet-18 (``model.safetensors``).
+
+Run by the server after synthesis, or by hand (after a crash, or with other settings)::
+
+    oscar-train RUN_DIR [--fresh] [--set key=value ...]
+    python -m oscar_server.train RUN_DIR ...
+    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.train RUN_DIR
+
+It reads the run directory only: ``config.json`` (overridden by ``--set``), the accepted uploads
+(``uploads.json``), the synthetic images ``synthetic/<class>/<client>__c<id>__<index>.png`` of those uploads
+(the first ``images-per-class`` of each client and class) and, if present, ``checkpoint.safetensors``.
+It writes the per-epoch checkpoint, ``model.safetensors`` and ``stages/training-summary.json``.
+
+Resume safety: the settings that shape the model (recipe, image size, pretrained backbone, seed, classes,
+the list of training images) are recorded in ``stages/training.json``; a checkpoint or model made with
+other settings is never reused (the stage stops and says what changed). ``--fresh`` removes the
+checkpoint, the model, the summary and that record. A finished model with the same settings is reused
+at once.
+
+Under ``accelerate launch`` or ``torchrun`` (``num-processes``; :mod:`oscar_server.stage_launcher`) every
+process trains on its part of each global batch (:mod:`oscar_common.training`): 1 and N processes train
+the same model, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch.distributed as dist
+from accelerate import PartialState
+from safetensors import safe_open
+
+from oscar_common.classifier import ARCHITECTURE, build_classifier, classifier_to_bytes
+from oscar_common.config import OscarConfig
+from oscar_common.devices import resolve_device
+from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
+from oscar_common.image_cache import decode_images, decode_workers
+from oscar_common.recipes import resolve_recipe
+from oscar_common.training import train_classifier
+from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_settings_path
+from oscar_server.run_dir import RunDirectory
+from oscar_server.stage_cli import load_stage_config, open_run_directory, setup_stage_logging, stage_arguments
+from oscar_server.synthesis_jobs import synthetic_images
+
+log = logging.getLogger("oscar.train")
+
+STAGE = "training"
+FRESH_HINT = "oscar-train RUN_DIR --fresh"
+# Processes wait for each other at collectives: while the first one writes a checkpoint or the model, or
+# decodes a larger share. NCCL's default 10 minutes is tight for a slow disk; nothing here waits longer.
+TIMEOUT = timedelta(minutes=30)
+SUMMARY_METADATA = "oscar.training-summary"  # model.safetensors carries its summary (the launcher
+# deletes stages/training-summary.json before each run; a reused model writes it again from there)
+T = TypeVar("T")
+
+
+class SyntheticSetIncomplete(RuntimeError):
+    """Synthesis has not written every image the accepted uploads call for."""
+
+
+@dataclass
+class TrainingSummary:
+    """``<run dir>/stages/training-summary.json``: what was trained, on what, how fast, where."""
+
+    status: str  # "trained", or "reused" (a finished model with the same settings was found)
+    model: str  # path of model.safetensors
+    recipe: dict[str, Any]  # the resolved recipe (oscar_common.recipes.Recipe), overrides applied
+    image_size: int
+    cache_size: int  # side of the decoded-once training images
+    classes: int
+    images: int  # training images listed
+    trained_images: int  # used per epoch: listed - unreadable (- a last batch of one, if any)
+    unreadable_images: int
+    unreadable: list[str]  # their paths, relative to the run dir
+    epochs: int
+    epochs_run: int  # by the invocation that finished the model (fewer after a resume)
+    resumed_from_epoch: int
+    best_epoch: int  # the epoch whose weights were kept (best training accuracy)
+    train_accuracy: float  # of that epoch
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # the whole stage (decode + train + write)
+    decode_seconds: float = 0.0
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0  # training images per second in the training loop, all processes
+    processes: int = 1
+    devices: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+
+    stage: str = STAGE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "TrainingSummary":
+        return cls(**record)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainingSummary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def summary_path(run_dir: RunDirectory) -> Path:
+    return run_dir.root / "stages" / f"{STAGE}-summary.json"
+
+
+# ------------------------------------------------------------------------------------------ stage
+def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = False) -> TrainingSummary:
+    """Train (or resume, or reuse) the run's classifier; the same call in every process of a launch."""
+    started = time.perf_counter()
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(Path(run_dir).expanduser().resolve())
+    # 1. Processes and devices: one per GPU under a launcher, else the configured device.
+    device = resolve_device(cfg.device)
+    state = PartialState(cpu=device.type == "cpu", timeout=TIMEOUT)
+    if state.num_processes > 1:
+        device = state.device  # this process's GPU (or CPU share)
+    recipe = resolve_recipe(cfg.train_recipe, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+
+    # 2. The training images; then, once, resume safety and whether a finished model can be reused.
+    items = training_images(run, cfg)
+    settings = {
+        "architecture": ARCHITECTURE, "recipe": recipe.settings(), "classifier-image-size": cfg.classifier_image_size,
+        "classifier-pretrained": cfg.classifier_pretrained, "seed": cfg.seed, "class-names": list(cfg.class_names),
+        "training-images": {"count": len(items), "sha256": _digest(p for p, _ in items)},
+    }
+    reuse = _on_first_process(state, lambda: _prepare_outputs(run, settings, fresh=fresh))
+    if reuse is not None:
+        if state.is_main_process:
+            log.info("training: reusing %s, trained with the same settings (%s retrains)", run.model_path, FRESH_HINT)
+        return reuse
+
+    # 3. Every image decoded once into a uint8 cache on the training device.
+    cache_side = recipe.cache_size(cfg.classifier_image_size)
+    if state.is_main_process:
+        log.info("training ResNet-18 (%s recipe: %d epochs, batch %d, lr %g) on %d synthetic images of %d "
+                 "classes, %d process(es) on %s", recipe.name, recipe.epochs, recipe.batch_size, recipe.lr,
+                 len(items), len(cfg.class_names), state.num_processes, device)
+    data = decode_images([run.root / p for p, _ in items], [label for _, label in items], side=cache_side,
+                         device=device, num_workers=decode_workers(cfg.decode_workers, len(items), state.num_processes),
+                         names=[p for p, _ in items])
+
+    # 4. Train, from the checkpoint if there is one; the model ends with the best epoch's weights.
+    model = build_classifier(len(cfg.class_names), pretrained=cfg.classifier_pretrained, seed=cfg.seed)
+    stats = train_classifier(model, data, recipe=recipe, image_size=cfg.classifier_image_size, seed=cfg.seed,
+                             device=device, precision=cfg.train_precision, checkpoint=run.checkpoint_path)
+
+    # 5. The first process writes the model (its summary inside), then the summary file.
+    devices = _all_devices(state, str(device))
+    summary = TrainingSummary(
+        status="trained", model=str(run.model_path), recipe=recipe.settings(), image_size=cfg.classifier_image_size,
+        cache_size=cache_side, classes=len(cfg.class_names), images=len(items), trained_images=stats.images,
+        unreadable_images=len(data.unreadable), unreadable=data.unreadable, epochs=stats.epochs,
+        epochs_run=stats.epochs_run, resumed_from_epoch=stats.resumed_from_epoch, best_epoch=stats.best_epoch,
+        train_accuracy=stats.train_accuracy, losses=stats.losses, accuracies=stats.accuracies, lrs=stats.lrs,
+        seconds=round(time.perf_counter() - started, 3), decode_seconds=round(data.seconds, 3),
+        train_seconds=round(stats.seconds, 3), images_per_second=round(stats.images_per_second, 1),
+        processes=stats.processes, devices=devices, precision=stats.precision,
+    )
+    if state.is_main_process:
+        metadata = {"recipe": recipe.name, SUMMARY_METADATA: json.dumps(summary.to_dict())}
+        atomic_write_bytes(run.model_path, classifier_to_bytes(model.cpu(), metadata, class_names=cfg.class_names))
+        atomic_write_json(summary_path(run), summary.to_dict())
+        log.info("training done: best epoch %d/%d, train accuracy %.4f, %.0f img/s on %s; model in %s",
+                 stats.best_epoch, stats.epochs, stats.train_accuracy, stats.images_per_second, ", ".join(devices),
+                 run.model_path)
+    state.wait_for_everyone()
+    return summary
+
+
+def training_images(run: RunDirectory, cfg: OscarConfig) -> list[tuple[str, int]]:
+    """(path relative to the run dir, class id) of the training images, in (client, class, index) order:
+    the first ``images-per-class`` synthetic images of every client and class of the accepted uploads.
+
+    Raises :class:`SyntheticSetIncomplete` when a client and class has fewer: training on a half-made
+    synthetic set would be silently wrong.
+    """
+    folders = [safe_filename(name) for name in cfg.class_names]
+    wanted = {(safe_filename(upload.client_name), class_id): upload.client_name
+              for upload in run.accepted_uploads() for class_id in upload.classes}
+    found: dict[tuple[str, int], list[Path]] = {key: [] for key in wanted}
+    for image in synthetic_images(run.synthetic_dir):  # sorted by (client, class id, index)
+        key = (image.client, image.class_id)
+        if key in found and image.index < cfg.images_per_class and image.path.parent.name == folders[image.class_id]:
+            found[key].append(image.path)
+    short = [f"{wanted[key]}/{cfg.class_names[key[1]]}: {len(paths)}" for key, paths in found.items()
+             if len(paths) < cfg.images_per_class]
+    if short:
+        raise SyntheticSetIncomplete(
+            f"the synthetic set in {run.synthetic_dir} is incomplete: {len(short)} (client, class) pair(s) have "
+            f"fewer than images-per-class={cfg.images_per_class} images ({', '.join(short[:5])}"
+            f"{' ...' if len(short) > 5 else ''}). Run the synthesis stage first: oscar-synthesize {run.root}")
+    return [(path.relative_to(run.root).as_posix(), class_id)
+            for (_, class_id), paths in sorted(found.items()) for path in paths]
+
+
+def discard_training(run: RunDirectory) -> None:
+    """``--fresh``: remove the checkpoint, the model, the summary and the settings record."""
+    for path in (run.checkpoint_path, run.model_path, summary_path(run)):
+        path.unlink(missing_ok=True)
+    forget_stage(run.root, STAGE)
+    log.info("discarded the training outputs in %s", run.root)
+
+
+def _prepare_outputs(run: RunDirectory, settings: dict[str, Any], *, fresh: bool) -> TrainingSummary | None:
+    """--fresh; refuse outputs of other or unknown settings; the summary of a finished model to reuse."""
+    if fresh:
+        discard_training(run)
+    outputs = [p for p in (run.checkpoint_path, run.model_path) if p.exists()]
+    if outputs and not stage_settings_path(run.root, STAGE).exists():
+        raise StageSettingsChanged(
+            f"{run.root} holds training outputs ({', '.join(p.name for p in outputs)}) but no record of the "
+            f"settings that made them, so they cannot be reused safely; start afresh: {FRESH_HINT}")
+    check_stage_settings(run.root, STAGE, settings, fresh_hint=FRESH_HINT)
+    if not run.model_path.exists():
+        return None
+    with safe_open(str(run.model_path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get(SUMMARY_METADATA)
+    if recorded is None:
+        return None  # a model without its summary: train again (from the checkpoint, so quickly)
+    summary = TrainingSummary.from_dict({**json.loads(recorded), "status": "reused"})
+    atomic_write_json(summary_path(run), summary.to_dict())
+    return summary
+
+
+# -------------------------------------------------------------------------------- processes
+def _on_first_process(state: PartialState, work: Callable[[], T]) -> T:
+    """Run ``work`` on the first process only and give every process its result (or its error)."""
+    if state.num_processes == 1:
+        return work()
+    outcome: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = work()
+        except Exception as exc:  # every process must learn of it, or the others wait forever
+            outcome[1] = (type(exc).__name__, str(exc))
+            raise
+        finally:
+            dist.broadcast_object_list(outcome, src=0)
+    else:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        kind, message = outcome[1]
+        known = {e.__name__: e for e in (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError)}
+        raise known.get(kind, RuntimeError)(message)
+    return outcome[0]
+
+
+def _all_devices(state: PartialState, device: str) -> list[str]:
+    if state.num_processes == 1:
+        return [device]
+    devices: list[str | None] = [None] * state.num_processes
+    dist.all_gather_object(devices, device)
+    return [str(d) for d in devices]
+
+
+def _digest(paths: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> None:
+    args = stage_arguments("oscar-train", "OSCAR's training stage: synthetic images -> ResNet-18 "
+                           "(model.safetensors), resumable, on one or (under accelerate launch) several "
+                           "GPUs").parse_args(argv)
+    setup_stage_logging()
+    run_dir = open_run_directory(args.run_dir)
+    try:
+        cfg = load_stage_config(run_dir, args.overrides)
+        train_run(run_dir, cfg, fresh=args.fresh)
+    except (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"oscar-train: {exc}") from exc  # said plainly, without a traceback
+
+
+if __name__ == "__main__":
+    main()
