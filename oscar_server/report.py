@@ -19,6 +19,7 @@ from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import stand_in_note
 from oscar_server.run_dir import RunDirectory
 from oscar_server.strategy import RunState
+from oscar_server.synthesis_jobs import synthetic_images
 
 # samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
 SAMPLE_COLUMNS = 12
@@ -81,12 +82,26 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
             "images": synthesis.images,
             "generated_this_run": synthesis.generated,
             "seconds": round(synthesis.seconds, 2),
+            "images_per_second": round(synthesis.images_per_second, 3),
+            "compile_seconds": round(synthesis.compile_seconds, 1),
+            "processes": synthesis.processes,
+            "devices": synthesis.devices,
+            "dtype": synthesis.dtype,
+            "batch_size": synthesis.batch_size,
             "prompts": synthesis.prompts if synthesis.scheme == "pooled" else None,
         },
         "training": None if training is None else {
+            "status": training.status,
+            "recipe": training.recipe.get("name"),
             "epochs": training.epochs,
-            "images": state.training_images,
+            "images": training.images,
+            "unreadable_images": training.unreadable_images,
             "seconds": round(training.seconds, 2),
+            "images_per_second": round(training.images_per_second, 1),
+            "processes": training.processes,
+            "devices": training.devices,
+            "precision": training.precision,
+            "best_epoch": training.best_epoch,
             "train_accuracy": training.train_accuracy,
             "losses": [round(x, 5) for x in training.losses],
         },
@@ -104,16 +119,22 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
 
 
 def stage_timings(state: RunState) -> list[dict[str, Any]]:
-    """One row per server stage that ran: seconds, images and images per second."""
+    """One row per server stage that ran: seconds, images, images per second, and where it ran."""
+    synthesis, training = state.synthesis, state.training
+    work = {
+        "synthesis": None if synthesis is None else (synthesis.generated, synthesis.images_per_second,
+                                                     synthesis.processes, synthesis.devices),
+        "training": None if training is None else (training.trained_images * training.epochs_run,
+                                                   training.images_per_second, training.processes, training.devices),
+    }
     rows = []
-    for stage, images in (("upload", None), ("synthesis", state.synthesis.generated if state.synthesis else None),
-                          ("training", state.training_images * state.training.epochs if state.training else None),
-                          ("evaluation", None)):
-        seconds = state.timings.get(stage)
-        if seconds is None:
+    for stage in ("upload", "synthesis", "training", "evaluation"):
+        if stage not in state.timings:
             continue
-        rows.append({"stage": stage, "seconds": round(seconds, 2), "images": images,
-                     "images_per_second": round(images / seconds, 3) if images and seconds > 0 else None})
+        images, rate, processes, devices = work.get(stage) or (None, None, None, None)
+        rows.append({"stage": stage, "seconds": round(state.timings[stage], 2), "images": images,
+                     "images_per_second": None if rate is None else round(rate, 2),
+                     "processes": processes, "devices": devices})
     return rows
 
 
@@ -146,9 +167,10 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"| uploaded (all clients) | {comm['upload_bytes_total']:,} |",
               f"| downloaded (all clients) | {comm['download_bytes_total']:,} |", ""]
     if report["stages"]:
-        lines += ["## Stages", "", "| stage | seconds | images | images/s |", "|---|---:|---:|---:|"]
-        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['images'] if s['images'] is not None else '—'} | "
-                  f"{s['images_per_second'] if s['images_per_second'] is not None else '—'} |" for s in report["stages"]]
+        lines += ["## Stages", "", "| stage | seconds | images | images/s | processes | devices |",
+                  "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {_dash(s['images'])} | {_dash(s['images_per_second'])} | "
+                  f"{_dash(s['processes'])} | {', '.join(s['devices'] or []) or '—'} |" for s in report["stages"]]
         lines.append("")
     syn, train = report["synthesis"], report["training"]
     if syn:
@@ -160,8 +182,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                       for p in syn["prompts"]]
             lines.append("")
     if train:
-        lines += ["## Training", "", f"ResNet-18, {train['epochs']} epochs on {train['images']} synthetic images "
-                  f"in {train['seconds']:.1f}s; final train accuracy {train['train_accuracy']:.4f}.", ""]
+        lines += ["## Training", "", f"ResNet-18, recipe `{train['recipe']}`, {train['epochs']} epochs on "
+                  f"{train['images']} synthetic images ({train['unreadable_images']} unreadable skipped) in "
+                  f"{train['seconds']:.1f}s ({train['precision']}); weights of epoch {train['best_epoch']} kept, "
+                  f"train accuracy {train['train_accuracy']:.4f}.", ""]
     return "\n".join(lines)
 
 
@@ -191,10 +215,8 @@ def render_samples(run_dir: RunDirectory, state: RunState, class_names: tuple[st
     if state.synthesis is None:
         return None
     first: dict[tuple[int, str], Path] = {}
-    for job in state.synthesis.jobs:
-        path = run_dir.synthetic_dir / job.relative_path
-        if path.exists():
-            first.setdefault((job.class_id, job.client), path)
+    for image in synthetic_images(run_dir.synthetic_dir):  # sorted: index 0 of each comes first
+        first.setdefault((image.class_id, image.client), image.path)
     all_clients = sorted({client for _, client in first})
     all_rows = sorted({class_id for class_id, _ in first})
     if not all_clients:
@@ -236,6 +258,10 @@ def status_line(report: dict[str, Any], run_dir: RunDirectory) -> str:
     """The last line of a run's log, for scripts: ``OSCAR status: <status> ...``."""
     detail = report["error"] or "; ".join(report["problems"][:3]) or f"mean accuracy {report['accuracy']['mean']}"
     return f"OSCAR status: {report['status']} — {detail} (report: {run_dir.report_json})"
+
+
+def _dash(value: Any) -> str:
+    return "—" if value is None else str(value)
 
 
 def _md(text: str) -> str:

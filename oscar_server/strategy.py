@@ -26,10 +26,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from oscar_common.classifier import TrainStats
 from oscar_common.config import OscarConfig
-from oscar_common.devices import resolve_device, resolve_dtype
 from oscar_common.models import text_embedding_dim
+from oscar_common.recipes import eval_preprocessing
 from oscar_common.wire import (
     EVALUATE_MESSAGE_TYPE,
     IDENTIFY_MESSAGE_TYPE,
@@ -49,8 +48,10 @@ from oscar_common.wire import (
     train_content,
     wire_size,
 )
-from oscar_server.pipeline import SynthesisSummary, synthesize, train_on_synthetic
 from oscar_server.run_dir import FinishedRunError, RunDirectory
+from oscar_server.stage_launcher import run_stage
+from oscar_server.synthesize import SynthesisSummary
+from oscar_server.train import TrainingSummary
 
 log = logging.getLogger("oscar.server")
 POLL_SECONDS = 1.0
@@ -80,8 +81,7 @@ class RunState:
     clients: dict[int, ClientRecord] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     synthesis: SynthesisSummary | None = None
-    training: TrainStats | None = None
-    training_images: int = 0
+    training: TrainingSummary | None = None
     resumed: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -94,8 +94,6 @@ class OscarStrategy(Strategy):
         self.cfg = cfg
         self.run_dir = run_dir
         self.state = RunState()
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.instruction = cfg.train_instruction()
         # Reading the encoder's config first also fails the run at once if the model is missing here.
         self._expect = Expectation.of(self.instruction, max_bytes=cfg.max_payload_bytes,
@@ -107,9 +105,9 @@ class OscarStrategy(Strategy):
 
     # ------------------------------------------------------------------ Flower Strategy hooks
     def summary(self) -> None:
-        log.info("OSCAR: scheme=%s, %d classes, %d images/class/client, guidance %.2f, %d steps, device %s",
-                 self.cfg.scheme, len(self.cfg.class_names), self.cfg.images_per_class,
-                 self.cfg.guidance_scale, self.cfg.num_inference_steps, self.device)
+        log.info("OSCAR: scheme=%s, %d classes, %d images/class/client, guidance %.2f, %d steps, device %s, "
+                 "%s process(es)", self.cfg.scheme, len(self.cfg.class_names), self.cfg.images_per_class,
+                 self.cfg.guidance_scale, self.cfg.num_inference_steps, self.cfg.device, self.cfg.num_processes)
         log.info("OSCAR: run directory %s", self.run_dir.root)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -128,22 +126,24 @@ class OscarStrategy(Strategy):
             raise NotEnoughClientsError(f"{len(accepted)} valid uploads, min-clients is {self.cfg.min_clients}"
                                         + _rejections_hint(self.state.rejected))
 
+        # The stages read the accepted uploads from the run dir, in client-name order: the result does not
+        # depend on arrival order, and a user can rerun either stage by hand (oscar-synthesize, oscar-train).
         started = time.monotonic()
-        # Every stage works in client-name order: the result must not depend on arrival order.
-        uploads = sorted((c.upload for c in accepted), key=lambda u: u.client_name)
-        self.state.synthesis = synthesize(self.cfg, uploads, self.run_dir, self.device, self.dtype)
+        self.state.synthesis = SynthesisSummary.from_dict(run_stage("synthesis", self.run_dir, self.cfg))
         self.state.timings["synthesis"] = time.monotonic() - started
 
         started = time.monotonic()
-        blob, stats = train_on_synthetic(self.cfg, self.run_dir, self.state.synthesis.jobs, self.device)
-        self.state.training, self.state.training_images = stats, len(self.state.synthesis.jobs)
+        self.state.training = TrainingSummary.from_dict(run_stage("training", self.run_dir, self.cfg))
         self.state.timings["training"] = time.monotonic() - started
-        return model_record(blob), MetricRecord({"train-accuracy": float(stats.train_accuracy)})
+        blob = self.run_dir.model_path.read_bytes()
+        return model_record(blob), MetricRecord({"train-accuracy": float(self.state.training.train_accuracy)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        preprocessing = eval_preprocessing(self.cfg.classifier_image_size, self.cfg.train_recipe)
         instruction = EvaluateInstruction(class_names=self.cfg.class_names, seed=self.cfg.seed,
-                                          image_size=self.cfg.classifier_image_size)
+                                          image_size=self.cfg.classifier_image_size,
+                                          preprocessing=preprocessing.to_config())
         content = evaluate_content(instruction, arrays)
         size = wire_size(content)
         connected = set(grid.get_node_ids())
