@@ -25,8 +25,6 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from oscar_client.policy import ClientPolicy
-from oscar_client.preview import check_preview_approval
-from oscar_client.upload import prepare_upload, write_local_summary
 from oscar_common.classifier import classifier_from_bytes, evaluate_classifier
 from oscar_common.data import ImageListDataset
 from oscar_common.devices import resolve_device
@@ -69,6 +67,10 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def _upload(msg: Message, context: Context) -> Message:
+    # Imported here: the captioning stack (transformers, ...) is what a train message needs, not the others.
+    from oscar_client.preview import check_preview_approval
+    from oscar_client.upload import prepare_upload, write_local_summary
+
     started = time.monotonic()
     instruction = TrainInstruction.from_record(instruction_record(msg.content))
     node = NodeSettings.from_context(context.node_config, context.run_config)

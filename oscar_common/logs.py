@@ -25,6 +25,26 @@ def setup_logging(level: int = logging.INFO) -> None:
     # Flower's HTTP transport logs every request at INFO (several per second): keep the run readable.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not interactive():
+        quiet_library_progress_bars()
+
+
+def quiet_library_progress_bars() -> None:
+    """Hugging Face libraries draw their own bars (loading weights, pipeline components): off a terminal
+    each redraw would be a log line, so they are turned off there; the project's own progress still logs."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        pass
 
 
 def interactive() -> bool:

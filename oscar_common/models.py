@@ -19,10 +19,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -41,6 +40,9 @@ from transformers import (
 
 from oscar_common.choices import SCHEDULERS
 from oscar_common.logs import interactive
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only the server (and a preview) loads a pipeline
+    from diffusers import StableDiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +184,18 @@ def load_diffusion_pipeline(
     model_id: str,
     device: torch.device,
     dtype: torch.dtype,
-    scheduler: str = "ddim",
+    *,
+    scheduler: str,
     cache_dir: CacheDir = None,
-) -> StableDiffusionPipeline:
+) -> "StableDiffusionPipeline":
     """Stable Diffusion text-to-image pipeline without the safety checker.
 
-    ``scheduler``: ``"ddim"`` as in the official OSCAR code (DDIM over the checkpoint's own betas, SD 1.x:
-    0.00085..0.012 scaled_linear), ``"pndm"`` (SD 1.x's default), ``"default"`` keeps the checkpoint's.
+    ``scheduler``: ``"pndm"`` (SD 1.x's own, what the official OSCAR code ran: it builds a DDIMScheduler but
+    never attaches it), ``"ddim"`` (DDIM over the checkpoint's betas, SD 1.x: 0.00085..0.012
+    scaled_linear), ``"default"`` keeps the checkpoint's.
     """
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     kwargs = _hub_kwargs(cache_dir)

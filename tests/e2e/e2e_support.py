@@ -9,5 +9,7 @@ FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40,
 
 
 def hub_env(tiny_hub: Path) -> dict[str, str]:
-    """Environment of every Flower process: the tiny models' cache, never the network."""
-    return {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """Environment of every Flower process: the tiny models' cache, never the network, and one thread
+    each (a server and several clients share 2 cores; more threads only make them wait on each other)."""
+    return {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

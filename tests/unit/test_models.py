@@ -116,7 +116,7 @@ def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
     tokenizer, text_encoder = models.load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32)
     assert isinstance(text_encoder, CLIPTextModel) and tokenizer.model_max_length == 77
 
-    pipe = models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32)  # default: DDIM, as the official code
+    pipe = models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="ddim")
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
@@ -124,9 +124,11 @@ def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)
 
-    assert isinstance(models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, "pndm").scheduler, PNDMScheduler)
+    # pndm, the run's default: what the official code ran (SD-1.4's own scheduler)
+    assert isinstance(models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="pndm").scheduler,
+                      PNDMScheduler)
     with pytest.raises(ValueError):
-        models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, "euler")
+        models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="euler")
 
 
 def test_explicit_cache_dir_and_local_dir(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
