@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from e2e_support import hub_env
 from oscar_common.config import OscarConfig
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import ClientSpec, LocalFederation, wait_until
-from oscar_server.pipeline import synthesize
 from oscar_server.run_dir import RunDirectory
+from oscar_server.synthesize import synthesize_run
 
 pytestmark = pytest.mark.e2e
 IMAGES_PER_CLASS = 3
@@ -40,11 +41,11 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
     clients = [ClientSpec(name, path) for name, path in sorted(demo_clients.items())[:2]]
     run_config = demo_run_config(tmp_path / "runs", "crashy", **{
         "images-per-class": IMAGES_PER_CLASS, "num-inference-steps": 20, "generation-batch-size": 4,
-        "inversion-steps": 40, "epochs": 3, "batch-size": 16, "min-clients": 2})
+        "inversion-steps": 40, "epochs": 3, "batch-size": 16, "min-clients": 2, "min-images-per-class": 2})
     run_dir = RunDirectory(tmp_path / "runs" / "crashy")
     synthetic = run_dir.synthetic_dir
     expected = len(clients) * 10 * IMAGES_PER_CLASS
-    env = {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1"}
+    env = hub_env(tiny_hub)
 
     with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
         # 1. killed in the middle of synthesis
@@ -74,13 +75,15 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
     assert len(files) == expected and not list(synthetic.rglob("*.tmp"))
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items()), "an image was rewritten"
 
-    # the uninterrupted reference: the same synthesis from the same uploads, in one go
+    # the uninterrupted reference: the same synthesis stage on the same uploads, in one go
     monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = OscarConfig.from_run_config(run_config)
-    payloads = [payload for payload, _, _ in run_dir.load_upload_round()[0]]
     reference = RunDirectory(tmp_path / "reference")
-    synthesize(cfg, payloads, reference, torch.device("cpu"), torch.float32)
+    reference.root.mkdir()
+    for name in ("config.json", "uploads.json", "payloads"):
+        copy = shutil.copytree if (run_dir.root / name).is_dir() else shutil.copy
+        copy(run_dir.root / name, reference.root / name)
+    synthesize_run(reference, OscarConfig.from_run_config(run_config))
     assert sorted(p.relative_to(reference.synthetic_dir) for p in reference.synthetic_dir.rglob("*.png")) == files
     worst = max(int(np.abs(_pixels(synthetic / f) - _pixels(reference.synthetic_dir / f)).max()) for f in files)
     assert worst <= 1, f"an image differs from its uninterrupted twin by {worst}/255"
