@@ -26,14 +26,21 @@ from typing import Any, Sequence
 import torch
 
 from oscar_bench.context import Context
-from oscar_bench.project import project_defaults, project_dtype
+from oscar_bench.project import project_dtype
 from oscar_bench.report import Document
 from oscar_bench.scale import SCALES
 from oscar_bench.sections import SECTIONS
 from oscar_bench.timing import Budget, release_memory
+from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device
 
 log = logging.getLogger("oscar.bench")
+
+# The run-config keys that shape what the benchmark times, recorded in bench.json.
+RUN_DEFAULTS_SHOWN = ("scheduler", "guidance-scale", "num-inference-steps", "generation-batch-size", "dtype",
+                      "compile", "compile-mode", "fuse-qkv", "png-writers", "tf32", "inversion-steps",
+                      "inversion-tokens", "inversion-chunk-size", "train-recipe", "train-precision", "epochs",
+                      "batch-size", "decode-workers", "classifier-image-size")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     device = resolve_device(args.device)
     scale = SCALES["tiny" if args.tiny else "smoke" if args.smoke else "full"]
-    defaults = project_defaults()
+    config = OscarConfig()  # the defaults a user's run starts from
     budget = Budget(args.budget_seconds)
-    doc = Document(meta=_meta(argv, device, scale.mode, defaults, args.budget_seconds),
+    doc = Document(meta=_meta(argv, device, scale.mode, config, args.budget_seconds),
                    targets_apply=scale.mode == "full" and device.type == "cuda")
     selected = [name for name in SECTIONS if name in args.sections]  # always in the registry's order
     doc.write(args.out)
@@ -73,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, name in enumerate(selected):
             section = SECTIONS[name]
             later = sum(SECTIONS[s].expected_seconds.get(scale.mode, 0.0) for s in selected[i + 1:])
-            ctx = Context(device=device, scale=scale, defaults=defaults, budget=budget, doc=doc,
+            ctx = Context(device=device, scale=scale, config=config, budget=budget, doc=doc,
                           work_dir=work_dir / name, reserved_seconds=later)
             doc.columns[name] = section.columns
             doc.record(name, *run_section(name, section, ctx))
@@ -110,7 +117,7 @@ def run_section(name: str, section, ctx: Context) -> tuple[dict[str, Any], Seque
     return result, section.ratios
 
 
-def _meta(argv: Sequence[str] | None, device: torch.device, mode: str, defaults: dict[str, Any],
+def _meta(argv: Sequence[str] | None, device: torch.device, mode: str, config: OscarConfig,
           budget_seconds: float) -> dict[str, Any]:
     def version(dist: str) -> str | None:
         try:
@@ -133,12 +140,9 @@ def _meta(argv: Sequence[str] | None, device: torch.device, mode: str, defaults:
         "device": {"type": device.type, "name": props.name if props else platform.processor() or "cpu",
                    "memory_gb": props.total_memory / 1e9 if props else None,
                    "multiprocessors": props.multi_processor_count if props else None},
-        "dtypes": {"official": "float32", "project": str(project_dtype(defaults, device)).removeprefix("torch."),
+        "dtypes": {"official": "float32", "project": str(project_dtype(config, device)).removeprefix("torch."),
                    "peak_matmul": "bfloat16" if cuda else "float32"},
-        "run_defaults": {k: defaults[k] for k in ("scheduler", "guidance-scale", "num-inference-steps",
-                                                  "generation-batch-size", "dtype", "inversion-steps",
-                                                  "inversion-tokens", "epochs", "batch-size",
-                                                  "classifier-image-size") if k in defaults},
+        "run_defaults": {k: v for k, v in config.to_dict().items() if k in RUN_DEFAULTS_SHOWN},
         "scale": SCALES[mode].to_dict(),
     }
 

@@ -1,23 +1,22 @@
-"""What every section gets: the device, how much work to do, the run's defaults, the clock, the results."""
+"""What every section gets: the device, how much work to do, the run config, the clock, the results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from oscar_bench.report import Document
 from oscar_bench.scale import Scale
 from oscar_bench.timing import Budget
+from oscar_common.config import OscarConfig
 
 
 @dataclass
 class Context:
     device: torch.device
     scale: Scale
-    defaults: dict[str, Any]  # the run config's defaults (pyproject), as a user's run starts
+    config: OscarConfig  # the run config's defaults, as a user's run starts
     budget: Budget
     doc: Document  # results so far (later sections read earlier ones)
     work_dir: Path  # scratch space for PNGs, removed after the run

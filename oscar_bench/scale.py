@@ -32,7 +32,7 @@ class Scale:
     inversion_targets: int
     inversion_steps: int  # the short runs; the long one does twice as many
     # client
-    client_images: int
+    client_images: int  # at most; the client section cuts them to its time (whole batches)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +42,7 @@ SCALES = {
     "full": Scale("full", resolution=0, steps=0, official_images=4, official_warmup=True, project_batches=2,
                   batch_size=0, bare_pipeline=True,
                   train_images=512, png_size=512, train_image_size=0, train_epochs=2, baseline_iterations=30,
-                  baseline_batch=256, inversion_targets=540, inversion_steps=20, client_images=256),
+                  baseline_batch=256, inversion_targets=540, inversion_steps=20, client_images=2048),
     "tiny": Scale("tiny", resolution=0, steps=4, official_images=2, official_warmup=True, project_batches=1,
                   batch_size=0, bare_pipeline=True,
                   train_images=8, png_size=48, train_image_size=32, train_epochs=1, baseline_iterations=2,

@@ -204,6 +204,18 @@ def load_diffusion_pipeline(
         pipe = StableDiffusionPipeline.from_pretrained(
             model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
         )
+    setup_diffusion_pipeline(pipe, device, scheduler=scheduler)
+    log.info("loaded diffusion pipeline %s on %s (%s, scheduler %s)", model_id, device, dtype,
+             type(pipe.scheduler).__name__)
+    return pipe
+
+
+def setup_diffusion_pipeline(pipe: StableDiffusionPipeline, device: torch.device, *, scheduler: str) -> None:
+    """What :func:`load_diffusion_pipeline` does to a pipeline once its weights are loaded: the scheduler
+    the run config names, the device, gradients off, a quiet progress bar. Also for pipelines assembled
+    from parts (oscar-bench builds the architectures with random weights)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
     elif scheduler == "pndm":
@@ -213,9 +225,6 @@ def load_diffusion_pipeline(
         module.requires_grad_(False)
     # One short-lived bar per batch: keep it off the log once done.
     pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not interactive())
-    log.info("loaded diffusion pipeline %s on %s (%s, scheduler %s)", model_id, device, dtype,
-             type(pipe.scheduler).__name__)
-    return pipe
 
 
 def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) -> Path:

@@ -13,6 +13,11 @@
 #
 #   bash scripts/gpu-bench.sh
 #
+# The synthesis section times the synthesis stage's path at the run config's defaults, so on CUDA it
+# torch.compiles the UNet and VAE decoder first (about a minute on an H200; bench.json's "compile s"). The
+# preamble below prints what torch.compile needs (triton, a C compiler): if compiling fails, the stage and
+# the bench fall back to the eager pipeline and the synthesis notes say so.
+#
 # It writes $OUT/bench/bench.json, $OUT/bench/bench.md and $OUT/bench.log. BUDGET (seconds, default 420)
 # is the benchmark's own time budget; sections shrink optional work to fit it and the last one may overrun
 # it a little, so give the tool's timeout some two minutes more. BENCH_ARGS adds oscar-bench options
@@ -29,6 +34,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OSCAR_PROGRESS=log
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
+  python3 -c "import triton; print('triton', triton.__version__)" || echo "no triton: torch.compile will fail"
+  echo "C compiler: $(command -v cc || command -v gcc || echo none)"
 } 2>&1 | tee "$OUT/bench.log"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 python3 -m oscar_bench --out "$OUT/bench" --budget-seconds "${BUDGET:-420}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"

@@ -1,4 +1,6 @@
-"""Prompt inversion: the project's PEZ on 540 random unit targets with CLIP ViT-B/32's text tower.
+"""Prompt inversion: the project's PEZ on 540 random unit targets with CLIP ViT-B/32's text tower, as the
+synthesis stage runs it: in chunks (``inversion-chunk-size``, 0: sized from free memory) and with the
+stage's CUDA settings (TF32 matmuls).
 
 A run of ``steps`` optimisation steps that checks the current prompts ``evals`` times costs about
 ``setup + steps * step + evals * check`` seconds. Three short runs measure the three terms: ``steps``
@@ -15,7 +17,7 @@ import torch
 
 from oscar_bench.architectures import build_clip_text_tower
 from oscar_bench.context import Context
-from oscar_bench.project import project_invert
+from oscar_bench.project import project_inversion_chunk, project_invert, stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import peak_memory_gb, release_memory, reset_peak_memory, timed
 
@@ -48,21 +50,25 @@ def run(ctx: Context) -> dict[str, Any]:
     targets = torch.nn.functional.normalize(
         torch.randn(n, text_model.config.projection_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
 
-    # One step first: one-time costs (vocabulary tables, kernel selection) stay out of the measured runs.
-    project_invert(targets, tokenizer, text_model, steps=1, eval_every=1, defaults=ctx.defaults)
-    reset_peak_memory(ctx.device)
-    rows = []
-    for key, run_steps, every in (("sparse", steps, steps), ("dense", steps, 1), ("sparse_long", 2 * steps, 2 * steps)):
-        prompts, seconds = timed(lambda: project_invert(targets, tokenizer, text_model, steps=run_steps,
-                                                        eval_every=every, defaults=ctx.defaults), ctx.device)
-        rows.append({"key": key, "name": f"measured: {run_steps} steps, check every {every}", "targets": n,
-                     "steps": run_steps, "eval_every": every, "evals": checks(run_steps, every), "seconds": seconds,
-                     "seconds_per_step": seconds / run_steps, "projected": False,
-                     "mean_cosine": sum(p.cosine for p in prompts) / len(prompts)})
+    config = ctx.config
+    with stage_cuda_settings(config):
+        chunk = project_inversion_chunk(n, text_model, config)
+        # One step first: one-time costs (vocabulary tables, kernel selection) stay out of the measured runs.
+        project_invert(targets, tokenizer, text_model, steps=1, eval_every=1, config=config)
+        reset_peak_memory(ctx.device)
+        rows = []
+        for key, run_steps, every in (("sparse", steps, steps), ("dense", steps, 1),
+                                      ("sparse_long", 2 * steps, 2 * steps)):
+            prompts, seconds = timed(lambda: project_invert(targets, tokenizer, text_model, steps=run_steps,
+                                                            eval_every=every, config=config), ctx.device)
+            rows.append({"key": key, "name": f"measured: {run_steps} steps, check every {every}", "targets": n,
+                         "steps": run_steps, "eval_every": every, "evals": checks(run_steps, every),
+                         "seconds": seconds, "seconds_per_step": seconds / run_steps, "projected": False,
+                         "mean_cosine": sum(p.cosine for p in prompts) / len(prompts)})
     memory = peak_memory_gb(ctx.device)
     model = cost_model(*rows)
 
-    ours_steps = int(ctx.defaults["inversion-steps"])
+    ours_steps = config.inversion_steps
     for key, label, total, every in (("ours", "the run's setting", ours_steps, OURS_EVAL_EVERY),
                                      ("reference", "reference PEZ", REFERENCE_STEPS, REFERENCE_EVAL_EVERY)):
         evals = checks(total, every)
@@ -73,7 +79,9 @@ def run(ctx: Context) -> dict[str, Any]:
     del text_model
     release_memory(ctx.device)
     return {"rows": rows, "model": model,
-            "notes": [f"{n} unit targets, {ctx.defaults['inversion-tokens']} tokens, CLIP ViT-B/32 text tower, float32",
+            "chunk_size": chunk,
+            "notes": [f"{n} unit targets, {config.inversion_tokens} tokens, CLIP ViT-B/32 text tower, float32, in "
+                      f"chunks of {chunk} (inversion-chunk-size {config.inversion_chunk_size or 'auto: free memory'})",
                       "cost per step {step_seconds:.4g} s, per check {eval_seconds:.4g} s, setup {setup_seconds:.3g} s"
                       .format(**model),
                       f"peak GPU memory {memory:.2f} GB" if memory is not None else "peak memory: not tracked off CUDA"]}

@@ -20,7 +20,7 @@ CLIENTS, CLASSES, IMAGES_PER_CLASS, EPOCHS = 6, 90, 10, 25
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    doc, defaults = ctx.doc, ctx.defaults
+    doc = ctx.doc
     images = CLIENTS * CLASSES * IMAGES_PER_CLASS
     means = CLIENTS * CLASSES
     epochs = EPOCHS
@@ -32,13 +32,13 @@ def run(ctx: Context) -> dict[str, Any]:
             raise RuntimeError(f"needs {path}, which this run did not measure (run its section)") from None
 
     synth_rate = need("synthesis.project.img_per_s")
-    warmup = need("synthesis.project.warmup_seconds")
+    warmup = need("synthesis.project.compile_seconds") + need("synthesis.project.warmup_seconds")
     # Inversion cost grows with the targets; the measured run had inversion.ours.targets of them.
     inversion = need("inversion.ours.seconds") * means / need("inversion.ours.targets")
     train_rate = need("training.project.img_per_s")
     stages = [("synthesis", "synthesis: warm-up / compile (once)", "1 run", None, warmup),
               ("synthesis_images", "synthesis: images", f"{images} images", synth_rate, images / synth_rate),
-              ("inversion", f"inversion ({defaults['inversion-steps']} steps)", f"{means} means", None, inversion),
+              ("inversion", f"inversion ({ctx.config.inversion_steps} steps)", f"{means} means", None, inversion),
               ("training", f"training ({epochs} epochs)", f"{epochs * images} images", train_rate,
                epochs * images / train_rate)]
     rows = [{"key": k, "name": n, "work": w, "rate": r, "seconds": s, "minutes": s / 60} for k, n, w, r, s in stages]

@@ -4,9 +4,13 @@
     ``ptp_utils.py``): float32, one image per call, a hand-written loop over the PNDM scheduler's last
     ``steps`` timesteps, classifier-free guidance on the concatenated [empty prompt; condition] context with
     g = 7.5, decode ``latents / 0.18215``, one PNG per image.
-(b) The project's path as a user's run executes it (:func:`oscar_bench.project.project_generate`), PNGs
-    written, after one warm-up batch (which includes any compilation; reported apart).
-(c) The bare diffusers pipeline call on the project's pipeline, no PNGs: what is left to gain outside it.
+(b) The project's path as a user's run executes it, at the run config's defaults (oscar_bench.project):
+    bf16/fp16 on CUDA, the batch size from free memory, fused QKV, ``torch.compile`` of the UNet and VAE
+    decoder on CUDA (its warm-up call's seconds are the "compile s"), the PNG writer pool, every image
+    written. One warm-up batch follows the compilation (its seconds are the "warm-up s"); the timed
+    batches come after it.
+(c) The bare diffusers pipeline call on the same (fused, compiled) pipeline, tensors out, no PNGs: what the
+    PNG path costs on top.
 
 FLOPs per image are counted with ``FlopCounterMode`` on one real UNet call (the CFG pair), one VAE
 decode and the text encoding, then scaled by the number of UNet calls each path makes.
@@ -29,9 +33,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oscar_bench.architectures import DiffusionParts, build_diffusion
 from oscar_bench.context import Context
-from oscar_bench.project import project_batch_size, project_dtype, project_generate, project_pipeline
+from oscar_bench.project import (
+    PreparedPipeline,
+    project_dtype,
+    project_generate,
+    project_pipeline,
+    project_prepare,
+    stage_cuda_settings,
+)
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import release_memory, timed
+from oscar_common.config import OscarConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,61 +64,71 @@ VAE_SCALING = 0.18215  # SD 1.x; the official code divides by this literal
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    defaults, scale = ctx.defaults, ctx.scale
+    scale = ctx.scale
     (parts, build_seconds) = timed(lambda: build_diffusion(ctx.device, tiny=ctx.tiny), ctx.device)
-    resolution = scale.resolution or parts.native_resolution
-    steps = scale.steps or int(defaults["num-inference-steps"])
-    guidance = float(defaults["guidance-scale"])
+    # The run config at the benchmark's scale: fewer steps, a smaller image or a fixed batch off full scale.
+    config = ctx.config.replace(num_inference_steps=scale.steps or ctx.config.num_inference_steps,
+                                image_resolution=scale.resolution, generation_batch_size=scale.batch_size)
+    resolution = config.image_resolution or parts.native_resolution
+    steps, guidance = config.num_inference_steps, config.guidance_scale
     notes = [f"{resolution}x{resolution}, {steps} steps, guidance {guidance}; models built in {build_seconds:.1f} s"]
 
     flops = count_flops(parts, resolution=resolution, device=ctx.device)
     official = _official_row(ctx, parts, resolution=resolution, steps=steps, guidance=guidance, flops=flops)
     rows = [official]
 
-    dtype = project_dtype(defaults, ctx.device)
+    dtype = project_dtype(config, ctx.device)
     # The project runs in its own dtype; the float32 parts stay as the official loop had them.
     project_parts = parts if dtype == torch.float32 else _converted(parts, dtype)
-    pipe = project_pipeline(project_parts, device=ctx.device, dtype=dtype, scheduler=str(defaults["scheduler"]))
-    pipe.scheduler.set_timesteps(steps)
-    project_unet_calls = len(pipe.scheduler.timesteps)
-    batch = scale.batch_size or project_batch_size(pipe, defaults)
-    per_image = _per_image_tflop(flops, unet_calls=project_unet_calls, text_sequences=2)  # prompt + empty prompt
-    prompts = _random_prompts(parts.tokenizer, (1 + scale.project_batches) * batch,
-                              tokens=int(defaults["inversion-tokens"]), template=str(defaults["prompt-template"]))
+    with stage_cuda_settings(config):
+        pipe = project_pipeline(project_parts, device=ctx.device, config=config)
+        prepared, prepare_seconds = timed(lambda: project_prepare(pipe, device=ctx.device, config=config), ctx.device)
+        batch = prepared.batch_size
+        pipe.scheduler.set_timesteps(steps)
+        project_unet_calls = len(pipe.scheduler.timesteps)
+        per_image = _per_image_tflop(flops, unet_calls=project_unet_calls, text_sequences=2)  # prompt + empty prompt
+        prompts = _random_prompts(parts.tokenizer, (1 + scale.project_batches) * batch,
+                                  tokens=config.inversion_tokens, template=config.prompt_template)
 
-    warm_prompts, timed_prompts = prompts[:batch], prompts[batch:]
-    _, warmup_seconds = timed(lambda: project_generate(pipe, prompts=warm_prompts, out_dir=ctx.work_dir / "warmup",
-                                                       defaults=defaults, steps=steps, resolution=resolution),
-                              ctx.device)
-    written, seconds = timed(lambda: project_generate(pipe, prompts=timed_prompts, out_dir=ctx.work_dir / "project",
-                                                      defaults=defaults, steps=steps, resolution=resolution,
-                                                      first_index=batch), ctx.device)
-    if written != len(timed_prompts):
-        raise RuntimeError(f"the project's synthesis wrote {written} of {len(timed_prompts)} images")
-    # The warm-up batch's time beyond a steady batch's: compilation and other first-call costs.
-    compile_seconds = max(0.0, warmup_seconds - len(warm_prompts) * seconds / written)
-    rows.append(_rate_row(ctx, "project", "project: synthesis path, PNGs written", dtype, batch, written, seconds,
-                          project_unet_calls, per_image, warmup_seconds=warmup_seconds,
-                          compile_seconds=compile_seconds))
+        warm_prompts, timed_prompts = prompts[:batch], prompts[batch:]
+        _, warmup_seconds = timed(lambda: project_generate(pipe, prompts=warm_prompts, out_dir=ctx.work_dir / "warmup",
+                                                           config=config, batch_size=batch), ctx.device)
+        written, seconds = timed(lambda: project_generate(pipe, prompts=timed_prompts,
+                                                          out_dir=ctx.work_dir / "project", config=config,
+                                                          batch_size=batch, first_index=batch), ctx.device)
+        if written != len(timed_prompts):
+            raise RuntimeError(f"the project's synthesis wrote {written} of {len(timed_prompts)} images")
+        rows.append(_rate_row(ctx, "project", "project: synthesis stage's path, PNGs written", dtype, batch, written,
+                              seconds, project_unet_calls, per_image, warmup_seconds=warmup_seconds,
+                              compile_seconds=prepared.compile_seconds))
 
-    if scale.bare_pipeline and (ctx.tiny or ctx.time_left() > 3 * seconds / scale.project_batches):
-        # Same pipeline object and settings, one batch, no files: the pipeline's own speed.
-        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-        _, bare_seconds = timed(lambda: pipe(prompt=list(warm_prompts), height=resolution, width=resolution,
-                                             num_inference_steps=steps, guidance_scale=guidance,
-                                             generator=generators, output_type="np"), ctx.device)
-        rows.append(_rate_row(ctx, "bare", "bare pipeline call, no PNGs", dtype, batch, batch, bare_seconds,
-                              project_unet_calls, per_image))
-    elif scale.bare_pipeline:
-        notes.append("bare pipeline skipped: time budget")
+        if scale.bare_pipeline and (ctx.tiny or ctx.time_left() > 3 * seconds / scale.project_batches):
+            # Same pipeline object and settings, one batch, tensors out as the stage asks, no files.
+            generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+            size = config.image_resolution or None
+            _, bare_seconds = timed(lambda: pipe(prompt=list(warm_prompts), height=size, width=size,
+                                                 num_inference_steps=steps, guidance_scale=guidance,
+                                                 generator=generators, output_type="pt"), ctx.device)
+            rows.append(_rate_row(ctx, "bare", "bare pipeline call, no PNGs", dtype, batch, batch, bare_seconds,
+                                  project_unet_calls, per_image))
+        elif scale.bare_pipeline:
+            notes.append("bare pipeline skipped: time budget")
 
+    chosen = "generation-batch-size" if config.generation_batch_size else "auto: free GPU memory, or fixed on a CPU"
+    notes.append(f"project: batch {batch} ({chosen}), fused QKV {config.fuse_qkv}, {_compile_note(prepared, config)}, "
+                 f"{config.png_writers} PNG writer threads; preparing took {prepare_seconds:.1f} s")
     notes.append("FLOPs: UNet CFG pair {unet_pair_tflop:.4g} TFLOP per call, VAE decode {vae_decode_tflop:.4g}, "
                  "text encoder {text_sequence_tflop:.3g} per sequence".format(**flops))
     del pipe, project_parts, parts
     release_memory(ctx.device)
     return {"rows": rows, "notes": notes, "flop_count": flops,
             "settings": {"resolution": resolution, "steps": steps, "guidance_scale": guidance,
-                         "scheduler": str(defaults["scheduler"]), "project_dtype": str(dtype).removeprefix("torch.")}}
+                         "scheduler": config.scheduler, "project_dtype": str(dtype).removeprefix("torch."),
+                         "batch_size": batch, "batch_size_auto": not config.generation_batch_size,
+                         "fuse_qkv": config.fuse_qkv, "compile": config.compile, "compiled": prepared.compiled,
+                         "compile_mode": config.compile_mode,
+                         "compile_seconds": prepared.compile_seconds, "prepare_seconds": prepare_seconds,
+                         "png_writers": config.png_writers, "tf32": config.tf32}}
 
 
 # --------------------------------------------------------------------------------- the official loop
@@ -205,6 +227,14 @@ def _rate_row(ctx: Context, key: str, name: str, dtype: torch.dtype, batch: int,
             "images": images, "seconds": seconds, "img_per_s": img_per_s, "unet_calls": unet_calls,
             "tflop_per_image": tflop_per_image, "tflops": tflops,
             "pct_of_peak": 100 * tflops / peak if tflops and peak else None, **extra}
+
+
+def _compile_note(prepared: PreparedPipeline, config: OscarConfig) -> str:
+    if not prepared.compile_asked:
+        return "not compiled (compile=auto: on CUDA only)" if config.compile == "auto" else "not compiled"
+    if not prepared.compiled:
+        return "torch.compile FAILED, eager pipeline timed (the log says why)"
+    return f"torch.compile mode {config.compile_mode} in {prepared.compile_seconds:.1f} s"
 
 
 def _vae_scale(parts: DiffusionParts) -> int:

@@ -39,8 +39,8 @@ NUM_CLASSES = 90  # DomainNet's, as the official code trains it
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    scale, defaults = ctx.scale, ctx.defaults
-    image_size = scale.train_image_size or int(defaults["classifier-image-size"])
+    scale = ctx.scale
+    image_size = scale.train_image_size or ctx.config.classifier_image_size
     folder = ctx.work_dir / "train-pngs"
     items, png_seconds = timed(lambda: write_pngs(folder, scale.train_images, scale.png_size, NUM_CLASSES),
                                ctx.device)
@@ -48,7 +48,7 @@ def run(ctx: Context) -> dict[str, Any]:
              "images": len(items), "seconds": png_seconds, "img_per_s": len(items) / png_seconds}]
 
     times = project_train(items, num_classes=NUM_CLASSES, image_size=image_size, epochs=scale.train_epochs,
-                          device=ctx.device, defaults=defaults)
+                          device=ctx.device, config=ctx.config)
     images = times.epochs * len(items)
     rows.append({"key": "project", "name": f"project: training path from PNGs ({times.num_workers} workers)",
                  "batch_size": times.batch_size, "image_size": image_size, "images": images,
@@ -64,7 +64,8 @@ def run(ctx: Context) -> dict[str, Any]:
     release_memory(ctx.device)
     precision = "bf16 autocast, channels_last" if ctx.device.type == "cuda" else "float32"
     return {"rows": rows, "notes": [f"{len(items)} PNGs of {scale.png_size}x{scale.png_size}, {NUM_CLASSES} classes, "
-                                    f"ResNet-18 from scratch (same cost as ImageNet weights)",
+                                    f"ResNet-18 from scratch (same cost as ImageNet weights); project: "
+                                    f"{ctx.config.train_recipe} recipe, precision {times.precision}",
                                     f"baseline: SGD steps on random batches on the device ({precision})"]}
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from oscar_bench import cli
+from oscar_bench import cli, project
 from oscar_bench.architectures import build_diffusion
 from oscar_bench.sections import SECTIONS
 from oscar_bench.sections.inversion import checks, cost_model
 from oscar_bench.sections.synthesis import count_flops
+from oscar_common.config import OscarConfig
+from oscar_server.generation import generate_images, prepare_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SECTION_NAMES = ["peak", "synthesis", "training", "inversion", "client", "server-estimate"]
@@ -64,8 +66,14 @@ def test_json_has_the_machine_the_sections_and_the_targets(tiny_run):
     official, project = doc["sections"]["synthesis"]["rows"][:2]
     assert official["batch_size"] == 1 and official["images"] == 2 and project["images"] == project["batch_size"]
     assert project["warmup_seconds"] > 0
-    steady_batch = project["batch_size"] * project["seconds"] / project["images"]
-    assert project["compile_seconds"] == pytest.approx(max(0.0, project["warmup_seconds"] - steady_batch))
+    # The project's path at the run config's defaults; on a CPU compile=auto compiles nothing.
+    settings = doc["sections"]["synthesis"]["settings"]
+    assert settings["batch_size"] == project["batch_size"] == 4 and settings["batch_size_auto"]  # CPU_BATCH_SIZE
+    assert (settings["fuse_qkv"], settings["compile"], settings["compiled"]) == (True, "auto", False)
+    assert (settings["png_writers"], settings["tf32"]) == (4, True)
+    assert project["compile_seconds"] == settings["compile_seconds"] == 0.0
+    assert doc["run_defaults"]["compile"] == "auto" and doc["run_defaults"]["inversion-chunk-size"] == 0
+    assert doc["sections"]["inversion"]["chunk_size"] == 12  # the 12 targets fit one CPU chunk
     # Tiny: the targets are evaluated but do not apply (they speak of full-size models on an H200).
     assert [t["applies"] for t in doc["targets"]] == [False] * 5
     assert all(t["value"] is not None and isinstance(t["met"], bool) for t in doc["targets"])
@@ -102,6 +110,7 @@ def test_every_rate_and_ratio_comes_from_the_recorded_times(tiny_run):
         model["setup_seconds"] + 1000 * model["step_seconds"] + 21 * model["eval_seconds"])
     # The server estimate uses the measured rates.
     estimate = {r["key"]: r for r in doc["sections"]["server-estimate"]["rows"]}
+    assert estimate["synthesis"]["seconds"] == pytest.approx(project["compile_seconds"] + project["warmup_seconds"])
     assert estimate["synthesis_images"]["seconds"] == pytest.approx(5400 / project["img_per_s"])
     assert estimate["training"]["seconds"] == pytest.approx(25 * 5400 / _resolve(doc, "training.project.img_per_s"))
     assert estimate["total"]["seconds"] == pytest.approx(sum(r["seconds"] for k, r in estimate.items() if k != "total"))
@@ -122,6 +131,48 @@ def test_markdown_tables_are_written_and_printed_last(tiny_run):
     assert sum(line.startswith("| synthesis vs the official-style loop") for line in lines) == 1
     for name in SECTION_NAMES + ["targets"]:
         assert f"## {name}" in lines
+
+
+def test_synthesis_times_the_stages_calls_and_reports_the_compile_seconds(tmp_path, monkeypatch):
+    """What the synthesis section hands the project's functions, and where "compile s" comes from:
+    prepare_pipeline's return value (here a stand-in figure: nothing compiles on a CPU)."""
+    calls = {}
+
+    def prepare(pipe, **kwargs):
+        calls["prepare"] = kwargs
+        prepare_pipeline(pipe, **kwargs)
+        return 7.25
+
+    def generate(pipe, jobs, out_dir, **kwargs):
+        result = generate_images(pipe, jobs, out_dir, **kwargs)
+        calls.setdefault("generate", []).append({**kwargs, "jobs": len(jobs), "written": len(result.written),
+                                                 "pngs": len(list(Path(out_dir).rglob("*.png")))})
+        return result
+
+    monkeypatch.setattr(project, "prepare_pipeline", prepare)
+    monkeypatch.setattr(project, "generate_images", generate)
+    _run(["--tiny", "--out", str(tmp_path), "--device", "cpu", "--sections", "synthesis"])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = [r for r in doc["sections"]["synthesis"]["rows"] if r["key"] == "project"]
+    assert row["compile_seconds"] == 7.25
+    assert calls["prepare"] == {"fuse_qkv": True, "compile": False, "compile_mode": "default", "batch_size": 4,
+                                "resolution": 0, "guidance_scale": 7.5}
+    warmup, timed_batches = calls["generate"]
+    for call in (warmup, timed_batches):
+        assert (call["batch_size"], call["png_writers"], call["num_inference_steps"]) == (4, 4, 4)
+        assert call["jobs"] == call["written"] == call["pngs"] == 4
+    assert row["images"] == timed_batches["written"]
+
+
+def test_stage_cuda_settings_apply_the_stages_settings_and_restore_torchs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # configure_cuda acts only with CUDA
+    torch.set_float32_matmul_precision("highest")  # torch's defaults, whatever ran before
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    with project.stage_cuda_settings(OscarConfig()):
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark) == before
 
 
 def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
