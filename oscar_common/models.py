@@ -194,7 +194,7 @@ def load_diffusion_pipeline(
     never attaches it), ``"ddim"`` (DDIM over the checkpoint's betas, SD 1.x: 0.00085..0.012
     scaled_linear), ``"default"`` keeps the checkpoint's.
     """
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -210,10 +210,12 @@ def load_diffusion_pipeline(
     return pipe
 
 
-def setup_diffusion_pipeline(pipe: StableDiffusionPipeline, device: torch.device, *, scheduler: str) -> None:
+def setup_diffusion_pipeline(pipe: "StableDiffusionPipeline", device: torch.device, *, scheduler: str) -> None:
     """What :func:`load_diffusion_pipeline` does to a pipeline once its weights are loaded: the scheduler
     the run config names, the device, gradients off, a quiet progress bar. Also for pipelines assembled
     from parts (oscar-bench builds the architectures with random weights)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if scheduler == "ddim":

@@ -28,6 +28,15 @@ pytestmark = pytest.mark.e2e
 IMAGES_PER_CLASS = 3
 
 
+def _until(condition, what: str, report: Path) -> None:
+    """wait_until that gives up at once when the run has failed instead of waiting out the timeout."""
+    def met() -> bool:
+        if report.exists() and json.loads(report.read_text()).get("status") == "failed":
+            raise AssertionError(f"the run failed while waiting for {what}: {json.loads(report.read_text())['error']}")
+        return condition()
+    wait_until(met, what, 600)
+
+
 def _kill_server_app(federation: LocalFederation) -> None:
     pids = federation.server_app_pids()
     assert len(pids) == 1, f"expected one ServerApp process, found {pids}"
@@ -50,7 +59,8 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
     with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
         # 1. killed in the middle of synthesis
         first = federation.submit(run_config)
-        wait_until(lambda: 4 <= len(list(synthetic.rglob("*.png"))) < expected, "synthesis to be under way", 600)
+        _until(lambda: 4 <= len(list(synthetic.rglob("*.png"))) < expected, "synthesis to be under way",
+               run_dir.report_json)
         _kill_server_app(federation)
         federation.cancel(first)
         before = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.png")}
@@ -59,7 +69,7 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
 
         # 2. resumed, then killed in the middle of training (after at least one checkpointed epoch)
         second = federation.submit(run_config)
-        wait_until(lambda: run_dir.checkpoint_path.exists(), "a training checkpoint", 600)
+        _until(lambda: run_dir.checkpoint_path.exists(), "a training checkpoint", run_dir.report_json)
         assert not run_dir.model_path.exists(), "training finished before it could be interrupted"
         _kill_server_app(federation)
         federation.cancel(second)

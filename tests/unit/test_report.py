@@ -16,7 +16,7 @@ from oscar_server import report as report_module
 from oscar_server.report import SAMPLE_COLUMNS, SAMPLE_ROWS, build_report, render_markdown, status_line, write_report
 from oscar_server.run_dir import RunDirectory
 from oscar_server.strategy import ClientRecord, RunState
-from oscar_server.synthesis import SynthesisJob
+from oscar_server.synthesis_jobs import SynthesisJob
 
 CLASSES = tuple(f"class_{i}" for i in range(25))
 
@@ -69,7 +69,7 @@ def test_samples_grid_stays_readable_with_a_hundred_clients(tmp_path: Path) -> N
             (run_dir.synthetic_dir / job.relative_path).parent.mkdir(parents=True, exist_ok=True)
             tile.save(run_dir.synthetic_dir / job.relative_path)
             jobs.append(job)
-    state.synthesis = type("Summary", (), {"jobs": jobs})()
+    state.synthesis = object()  # a synthesis ran; the grid reads the images from disk
     path = report_module.render_samples(run_dir, state, CLASSES, cell=32)
     with Image.open(path) as grid:
         assert grid.width == 110 + 32 * SAMPLE_COLUMNS
