@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # Small enough for 2 CPU cores, large enough that every stage does real work.
-FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2}
+FAST = {"images-per-class": 2, "num-inference-steps": 10, "inversion-steps": 40, "epochs": 1, "min-clients": 2,
+        "min-images-per-class": 2}
 
 
 def hub_env(tiny_hub: Path) -> dict[str, str]:

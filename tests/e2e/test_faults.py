@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e_support import hub_env
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import ClientSpec, LocalFederation, descendants, wait_until
 
@@ -43,9 +44,9 @@ def test_killed_supernodes_do_not_stop_the_run(tmp_path: Path, tiny_hub: Path,
     dies_mid_round, dies_after_upload, survivor = names
     run_config = demo_run_config(tmp_path / "runs", "faults", **{
         "images-per-class": 1, "num-inference-steps": 5, "inversion-steps": 20, "epochs": 1, "min-clients": 2,
-        "train-timeout": 120.0, "evaluate-timeout": 60.0})
+        "train-timeout": 120.0, "evaluate-timeout": 60.0, "min-images-per-class": 2})
     payloads = tmp_path / "runs" / "faults" / "payloads"
-    env = {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1"}
+    env = hub_env(tiny_hub)
     started = time.monotonic()
     with LocalFederation(tmp_path, [ClientSpec(n, demo_clients[n]) for n in names], env=env,
                          stream=False) as federation:
@@ -60,7 +61,8 @@ def test_killed_supernodes_do_not_stop_the_run(tmp_path: Path, tiny_hub: Path,
         federation.cancel(submission)
     elapsed = time.monotonic() - started
 
-    assert report["status"] == "completed", report["error"]
+    assert report["status"] == "partial", report["error"]  # it went through, without two of its clients
+    assert len(report["problems"]) == 2
     clients = {c["name"]: c for c in report["clients"]}
     assert sorted(clients) == sorted([dies_after_upload, survivor])
     assert clients[survivor]["test_accuracy"] is not None
