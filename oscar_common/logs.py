@@ -25,6 +25,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     # Flower's HTTP transport logs every request at INFO (several per second): keep the run readable.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Flower's logger prints through a handler of its own: passing its records on to the root handler as
+    # well would print every Flower line twice.
+    logging.getLogger("flwr").propagate = False
     if not interactive():
         quiet_library_progress_bars()
 

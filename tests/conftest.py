@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from oscar_demo.demo_data import make_demo_data
 from oscar_demo.tiny import install_tiny_models
+
+
+# Two cores run the suite, two workers at a time (pytest -n 2) plus the Flower processes of the end-to-end
+# tests: one thread each. Tiny models gain nothing from more, and oversubscribed threads wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def test_explicit_cache_dir_and_local_dir(tiny_hub: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("model_id", ["nobody/does-not-exist", "./no/such/dir"])
 @pytest.mark.parametrize("loader", [models.load_captioner, models.load_clip_text_encoder,
-                                    models.load_diffusion_text_encoder, models.load_diffusion_pipeline])
+                                    models.load_diffusion_text_encoder,
+                                    functools.partial(models.load_diffusion_pipeline, scheduler="pndm"),
+                                    lambda model_id, *_: models.check_diffusion_pipeline_files(model_id)])
 def test_missing_model_fails_fast_and_says_how_to_fetch(offline_hub: Path, loader, model_id: str) -> None:
     start = time.perf_counter()
     with pytest.raises(models.ModelNotFoundError) as info:
