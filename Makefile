@@ -27,12 +27,13 @@ demo: venv
 system-packages:
 	bash scripts/install-system-packages.sh
 
+# Two workers: the end-to-end tests wait on their Flower processes much of the time (pytest-xdist).
 test: venv system-packages
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Everything but the end-to-end runs with real Flower processes.
 test-fast: venv
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n 2 tests/unit
 
 clean-demo:
 	rm -rf demo

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import tomli_w
 
 from oscar_common.run_config import run_config_problems
+from oscar_demo.watchdog import MARKER_VARIABLE, Watchdog
 from oscar_deploy.launch import node_config_arg, venv_bin
 
 log = logging.getLogger("oscar.demo")
@@ -56,7 +58,11 @@ class LocalFederation:
         self.flwr_home = self.workdir / "flwr-home"
         # flower-superlink starts flower-superexec by name: the venv's bin must be on PATH.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # Every process of this federation carries this marker: a watchdog finds them all if we are killed.
+        self.marker = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.watchdog: Watchdog | None = None
         self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1",
+                    MARKER_VARIABLE: self.marker,
                     **(env or {})}
         self.superlink_port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
@@ -77,6 +83,7 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
+        self.watchdog = Watchdog(self.marker)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self._write_connection()
         self._spawn("superlink", [
@@ -120,6 +127,9 @@ class LocalFederation:
             time.sleep(0.2)
         signal_pids(tree, signal.SIGKILL)
         self.processes.clear()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         self.stopped = started
         self.leftovers = {pid for pid in started if is_running(pid)}
         if self.leftovers:

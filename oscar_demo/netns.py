@@ -39,6 +39,7 @@ import tomli_w
 from oscar_common.logs import setup_logging
 from oscar_demo.demo import demo_run_config, prepare
 from oscar_demo.federation import CONNECTION, PROJECT_DIR, ClientSpec, LocalFederation, signal_pids
+from oscar_demo.watchdog import Watchdog
 from oscar_deploy.launch import venv_bin
 from oscar_deploy import certs
 from oscar_deploy.launch import SUPERLINK_PORT, connection_config
@@ -85,6 +86,8 @@ class Hosts:
         self.created: list[str] = []
 
     def __enter__(self) -> "Hosts":
+        # If this process is killed, the watchdog deletes the namespaces (nothing is marked with this id).
+        self.watchdog = Watchdog(f"netns-{self.prefix}", netns_prefix=self.prefix)
         try:
             self._create()
         except BaseException:
@@ -132,6 +135,9 @@ class Hosts:
             except RuntimeError as err:
                 log.warning("%s", err)
         self.created.clear()
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
+            self.watchdog = None
 
     def exec_prefix(self, name: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[name]]

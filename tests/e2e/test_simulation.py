@@ -7,33 +7,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from e2e_support import FAST, hub_env
-from oscar_demo.federation import PROJECT_DIR, descendants, free_port, is_running, signal_pids
+from oscar_demo.federation import PROJECT_DIR, free_port
+from oscar_demo.watchdog import MARKER_VARIABLE, Watchdog, kill_marked, marked_processes
 from oscar_common.run_config import main as oscar_config
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = PROJECT_DIR / "examples" / "demo-simulation.toml"
-
-
-def _local_superlink_pids(flwr_home: Path) -> set[int]:
-    """The SuperLink `flwr` started for ':local:' (detached): its command line names our FLWR_HOME."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(flwr_home).encode() in (entry / "cmdline").read_bytes():
-                    pids.add(int(entry.name))
-            except OSError:
-                continue
-    return pids | {child for pid in pids for child in descendants(pid)}
 
 
 def test_the_readme_simulation_command_twice(tmp_path: Path, tiny_hub: Path, demo_clients: dict[str, Path]) -> None:
@@ -47,7 +33,10 @@ def test_the_readme_simulation_command_twice(tmp_path: Path, tiny_hub: Path, dem
                          *(f"{k}={v}" for k, v in FAST.items() if k != "min-clients"), "min-images-per-class=2",
                          "--out", str(run_toml)]) == 0
     flwr_home = tmp_path / "flwr-home"
-    env = {**os.environ, **hub_env(tiny_hub), "FLWR_HOME": str(flwr_home),
+    # `flwr` starts the local SuperLink detached: the marker lets us (or the watchdog, if we are killed) find it
+    marker = f"simulation-{os.getpid()}"
+    watchdog = Watchdog(marker)
+    env = {**os.environ, **hub_env(tiny_hub), "FLWR_HOME": str(flwr_home), MARKER_VARIABLE: marker,
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -66,13 +55,11 @@ def test_the_readme_simulation_command_twice(tmp_path: Path, tiny_hub: Path, dem
                 first = reports[0].read_bytes()
         assert reports[0].read_bytes() == first, "the second run changed the first run's report"
     finally:
-        pids = _local_superlink_pids(flwr_home)
-        signal_pids(pids, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        signal_pids({pid for pid in pids if is_running(pid)}, signal.SIGKILL)
-    assert not any(is_running(pid) for pid in pids)
+        started = marked_processes(marker)
+        kill_marked(marker)
+        watchdog.stop()
+    assert started, "the local SuperLink was not found"
+    assert not marked_processes(marker)
 
     for path in reports:
         report = json.loads(path.read_text())

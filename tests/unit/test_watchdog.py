@@ -1,0 +1,58 @@
+"""A federation started by a process that is then killed outright leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from oscar_demo.federation import wait_until
+from oscar_demo.watchdog import MARKER_VARIABLE, marked_processes
+
+PROJECT = Path(__file__).resolve().parents[2]
+STARTER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from oscar_demo.watchdog import MARKER_VARIABLE, Watchdog
+    marker = sys.argv[1]
+    watchdog = Watchdog(marker)
+    # a detached grandchild, as Flower starts its app processes: only the marker finds it
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
+                     env={**os.environ, MARKER_VARIABLE: marker})
+    if sys.argv[2] == "stop":
+        watchdog.stop()
+    print("ready", flush=True)
+    time.sleep(300)
+""")
+
+
+def _start(marker: str, mode: str) -> subprocess.Popen:
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, marker, mode], cwd=PROJECT, stdout=subprocess.PIPE,
+                               text=True, env={k: v for k, v in os.environ.items() if k != MARKER_VARIABLE})
+    assert starter.stdout.readline().strip() == "ready"
+    return starter
+
+
+def test_a_killed_starter_takes_its_federation_with_it() -> None:
+    marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    starter = _start(marker, "watch")
+    assert len(marked_processes(marker)) == 1
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    wait_until(lambda: not marked_processes(marker), "the detached process to be killed", 20)
+
+
+def test_a_watchdog_that_stood_down_touches_nothing() -> None:
+    marker = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    starter = _start(marker, "stop")
+    try:
+        starter.send_signal(signal.SIGKILL)
+        starter.wait()
+        time.sleep(1)
+        (survivor,) = marked_processes(marker)
+    finally:
+        for pid in marked_processes(marker):
+            os.kill(pid, signal.SIGKILL)
