@@ -1,7 +1,7 @@
 """The two ways the server can train its ResNet-18 on the synthetic set, as named presets.
 
 ``official`` is what the official OSCAR code runs today (obaidullahzaland/oscar, train.py at 4b6c7f5,
-the newest version held; line numbers in /work/notes/official-code.md §3): SGD lr 5e-4, momentum 0.9,
+the newest version held; line numbers in docs/official-code.md §3): SGD lr 5e-4, momentum 0.9,
 no weight decay, 20 epochs, batch 256, each image resized to 224x224 (bicubic) with no crop and no flip,
 and the weights of the epoch with the best training accuracy kept at the end. Where we differ, and why:
 

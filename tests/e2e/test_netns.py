@@ -32,6 +32,8 @@ def test_tls_authenticated_federation_on_separate_hosts(tmp_path: Path, tiny_hub
         prefix = hosts.prefix
         with NetnsFederation(tmp_path, hosts, members, tiny_hub, guests=[intruder]) as federation:
             superlink_log = federation.logs_dir / "superlink.log"
+            # The registered nodes run the round while the intruder tries to get in (min-clients is theirs).
+            submission = federation.submit(run_config)
             # Plain HTTP against the TLS SuperLink: every attempt fails for as long as it tries.
             code, output = federation.attempt(intruder.name, launch.supernode_command(
                 federation.superlink, None, None, {"data-dir": str(intruder.data_dir)}, port=9095), seconds=15)
@@ -45,7 +47,8 @@ def test_tls_authenticated_federation_on_separate_hosts(tmp_path: Path, tiny_hub
             assert "No SuperNode found with the given public key" in log
             assert f'{hosts.ip[intruder.name]}:' in log  # the refusal came over the intruder's own link
 
-            report_path = federation.run(run_config, timeout=600)
+            report_path = federation.wait(submission, timeout=600)
+            federation.cancel(submission)
         # superlink, supernodes and what Flower started under them, all gone
         assert len(federation.stopped) > len(members) + 1 and not federation.leftovers
     assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
