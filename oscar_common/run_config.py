@@ -38,7 +38,12 @@ def load_run_config(sources: Sequence[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for source in sources:
         if "=" in source and not Path(source).is_file():
-            merged.update(parse_config_args([source]))
+            try:
+                merged.update(parse_config_args([source]))
+            except Exception:  # noqa: BLE001 - Flower raises click's exception type with a generic text
+                key = source.split("=", 1)[0]
+                raise ValueError(f"{source!r} is not key=value with a TOML value: text needs quotes, e.g. "
+                                 f"{key}='{source.split('=', 1)[1]}'") from None
             continue
         path = Path(source)
         if not path.is_file():

@@ -35,3 +35,5 @@ def test_the_example_configs_are_valid() -> None:
 def test_sources_that_are_neither_file_nor_pair_are_refused(capsys: pytest.CaptureFixture) -> None:
     assert main(["no-such-file.toml"]) == 1
     assert "neither a TOML file nor key=value" in capsys.readouterr().err
+    assert main(["class-names=a,b"]) == 1
+    assert "text needs quotes, e.g. class-names='a,b'" in capsys.readouterr().err
