@@ -83,12 +83,13 @@ def run_centralized(
     results = []
     for client in clients:
         train, test = splits[client.name]
-        test_set = ImageListDataset.from_samples(test, class_names, eval_transform(image_size, RECIPE))
+        test_set = ImageListDataset.from_samples(test, class_names, eval_transform(image_size, RECIPE),
+                                                 skip_unreadable=True)
         result = evaluate_classifier(model, test_set, len(class_names), batch_size=64, device=torch_device)
         log.info("client %s: test accuracy %.4f on %d images", client.name, result.accuracy, result.n)
         results.append({
             "name": client.name, "data_dir": str(client.data_dir), "num_train": len(train),
-            "test_accuracy": result.accuracy, "num_test": result.n,
+            "test_accuracy": result.accuracy, "num_test": result.n, "unreadable_test_images": result.unreadable,
             "per_class_accuracy": {class_names[c]: round(a, 4) for c, a in sorted(result.per_class_accuracy.items())},
         })
     n_test = sum(r["num_test"] for r in results)

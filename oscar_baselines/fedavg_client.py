@@ -72,7 +72,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _global_model(msg, len(class_names))
     _, test_samples, _ = node.load_split(class_names, int(config["seed"]))
     dataset = ImageListDataset.from_samples(test_samples, class_names,
-                                            eval_transform(int(config["classifier-image-size"]), RECIPE))
+                                            eval_transform(int(config["classifier-image-size"]), RECIPE),
+                                            skip_unreadable=True)
     result = evaluate_classifier(model, dataset, len(class_names), batch_size=64, device=resolve_device(node.device))
     log.info("client %s, round %s: test accuracy %.4f on %d images", node.name, config["server-round"],
              result.accuracy, result.n)

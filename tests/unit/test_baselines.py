@@ -4,6 +4,7 @@ comparison tables (FedAvg on a real federation: tests/e2e/test_fedavg.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,18 @@ def test_centralized_on_demo_clients(tmp_path: Path, demo_clients: dict[str, Pat
         assert 0.0 <= client["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "report.json").read_text()) == report
     load_classifier(tmp_path / "model.safetensors", len(DIGIT_NAMES), DIGIT_NAMES)
+
+
+def test_centralized_skips_unreadable_images_on_both_sides(tmp_path: Path, demo_clients: dict[str, Path]) -> None:
+    data = tmp_path / "plain"
+    shutil.copytree(demo_clients["plain"], data)
+    for digit in DIGIT_NAMES:  # one truncated PNG per class: some land in the train split, some in the test split
+        (data / digit / "zz-corrupt.png").write_bytes(next((data / digit).glob("*.png")).read_bytes()[:50])
+    report = run_centralized(client_settings([data], []), DIGIT_NAMES, epochs=1, batch_size=16, image_size=32,
+                             pretrained=False, device="cpu")
+    (client,) = report["clients"]
+    assert report["training"]["unreadable_images"] + client["unreadable_test_images"] == len(DIGIT_NAMES)
+    assert client["unreadable_test_images"] > 0 and client["test_accuracy"] is not None
 
 
 def test_centralized_learns_separable_digits(tmp_path: Path) -> None:
