@@ -256,7 +256,9 @@ def write_report(cfg: OscarConfig, run_dir: RunDirectory, state: RunState,
 
 def status_line(report: dict[str, Any], run_dir: RunDirectory) -> str:
     """The last line of a run's log, for scripts: ``OSCAR status: <status> ...``."""
-    detail = report["error"] or "; ".join(report["problems"][:3]) or f"mean accuracy {report['accuracy']['mean']}"
+    mean = report["accuracy"]["mean"]
+    detail = (report["error"] or "; ".join(report["problems"][:3])
+              or (f"mean accuracy {mean:.4f}" if mean is not None else "no client evaluated"))
     return f"OSCAR status: {report['status']} — {detail} (report: {run_dir.report_json})"
 
 
