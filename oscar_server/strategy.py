@@ -332,7 +332,13 @@ class OscarStrategy(Strategy):
 
     def _send_and_collect(self, grid: Grid, messages: list[Message], timeout: float, what: str,
                           on_reply: Callable[[Message], None] | None = None) -> list[Message]:
-        """Push, then pull replies as they come until all arrived or ``timeout`` passed."""
+        """Push, then pull replies as they come until all arrived or none came for ``timeout`` seconds.
+
+        The wait restarts with every reply: Flower's simulation engine runs its virtual clients a few at a
+        time, so 100 clients take 50 times as long as 2, and a deadline counted from the push would drop
+        the last ones of a large federation however healthy they are. A silent node still ends the round
+        ``timeout`` seconds after the last reply (real SuperNodes work in parallel: about the same end).
+        """
         if not messages:
             return []
         pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
@@ -340,15 +346,18 @@ class OscarStrategy(Strategy):
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
+            pulled = grid.pull_messages(list(pending))
+            for reply in pulled:
                 pending.pop(reply.metadata.reply_to_message_id, None)
                 replies.append(reply)
                 if on_reply is not None:
                     on_reply(reply)
+            if pulled:
+                deadline = time.monotonic() + timeout
             if pending:
                 time.sleep(POLL_SECONDS)
         for node_id in pending.values():
-            reason = f"no {what} reply within {timeout:.0f}s"
+            reason = f"no {what} reply within {timeout:g}s" + (" of the last reply" if replies else "")
             if what == "identify":
                 log.warning("node %s: %s", node_id, reason)
             elif node_id in self.state.clients:  # uploaded, but did not evaluate
