@@ -99,6 +99,7 @@ class OscarStrategy(Strategy):
         self._expect = Expectation.of(self.instruction, max_bytes=cfg.max_payload_bytes,
                                       feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id))
         self._handled: set[str] = set()  # reply message ids already handled
+        self._accepted_names: set[str] = set()  # client names of accepted uploads (payload file names)
         # message id -> node it was sent to: an error reply made by the SuperLink for a dead node
         # carries the SuperLink as sender, so the recipient of the original message is the truth.
         self._recipients: dict[str, int] = {}
@@ -277,8 +278,9 @@ class OscarStrategy(Strategy):
         except PayloadError as exc:
             self._reject(node_id, f"invalid payload: {exc}", claimed_name(reply.content))
             return
-        if any(c.name == upload.client_name for c in self.state.clients.values()):
+        if upload.client_name in self._accepted_names:  # a set: 100 uploads, not 100 x 100 comparisons
             upload.client_name = f"{upload.client_name}-{node_id}"  # names must be unique on disk
+        self._accepted_names.add(upload.client_name)
         record = ClientRecord(node_id=node_id, upload=upload, upload_bytes=wire_size(reply.content))
         self.state.clients[node_id] = record
         path = self.run_dir.save_payload(upload, node_id)

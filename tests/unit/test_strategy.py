@@ -178,3 +178,12 @@ def test_replies_that_keep_coming_are_all_waited_for_and_a_silent_node_ends_the_
     assert strategy.state.rejected == [{"node_id": 9, "name": None,
                                         "reason": "no upload reply within 0.3s of the last reply"}]
     assert 0.8 + 0.3 <= elapsed < 3
+
+
+def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStrategy) -> None:
+    encoder = strategy.cfg.text_encoder
+    for node in (5, 6, 7):
+        strategy.accept_upload(_reply(_upload("plain", encoder).to_record(), f"u{node}", node))
+    assert [c.name for c in strategy.state.clients.values()] == ["plain", "plain-6", "plain-7"]
+    assert sorted(p.name for p in strategy.run_dir.payloads_dir.iterdir()) == [
+        "plain-6.safetensors", "plain-7.safetensors", "plain.safetensors"]
