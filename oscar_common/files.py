@@ -37,8 +37,7 @@ def write_shared_copy(path: Path, data: bytes, store: Path) -> None:
     path = Path(path)
     stored = Path(store) / f"{hashlib.sha256(data).hexdigest()}{path.suffix}"
     try:
-        if not (stored.is_file() and stored.read_bytes() == data):  # never link to a damaged entry
-            atomic_write_bytes(stored, data)
+        _publish(stored, data)
         path.parent.mkdir(parents=True, exist_ok=True)
         link = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         os.link(stored, link)
@@ -52,6 +51,22 @@ def write_shared_copy(path: Path, data: bytes, store: Path) -> None:
                 entry.unlink()
         except OSError:
             continue  # removed by a concurrent client
+
+
+def _publish(stored: Path, data: bytes) -> None:
+    """Make ``stored`` hold ``data``, never replacing a good entry that a concurrent client just wrote (its
+    clients would keep a copy of their own) and never trusting a damaged one."""
+    if stored.is_file() and stored.read_bytes() == data:
+        return
+    fresh = stored.parent / f".{stored.name}.{uuid.uuid4().hex}.tmp"
+    atomic_write_bytes(fresh, data)
+    try:
+        os.link(fresh, stored)  # only if nobody published it in the meantime
+    except FileExistsError:
+        if stored.read_bytes() != data:
+            os.replace(fresh, stored)
+    finally:
+        fresh.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -54,3 +54,15 @@ def test_a_damaged_store_entry_is_rewritten_and_never_linked(tmp_path: Path) -> 
     entry.write_bytes(b"damaged")  # same name (the content hash), other content
     write_shared_copy(tmp_path / "b" / "w.safetensors", b"weights", store)
     assert (tmp_path / "b" / "w.safetensors").read_bytes() == b"weights" == entry.read_bytes()
+
+
+def test_a_client_that_finds_the_entry_published_meanwhile_links_to_it(tmp_path: Path, monkeypatch) -> None:
+    """Two clients evaluating at once: the second one to publish keeps the first one's entry (one copy)."""
+    store = tmp_path / "store"
+    write_shared_copy(tmp_path / "a" / "w.safetensors", b"weights", store)
+    (entry,) = store.iterdir()
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: False if self == entry else real_is_file(self))  # too late
+    write_shared_copy(tmp_path / "b" / "w.safetensors", b"weights", store)
+    assert (tmp_path / "b" / "w.safetensors").stat().st_ino == (tmp_path / "a" / "w.safetensors").stat().st_ino
+    assert list(store.iterdir()) == [entry]
