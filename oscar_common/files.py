@@ -46,8 +46,8 @@ def write_shared_copy(path: Path, data: bytes, store: Path) -> None:
         atomic_write_bytes(path, data)
         return
     for entry in Path(store).iterdir():
-        try:
-            if entry != stored and entry.stat().st_nlink == 1:
+        try:  # (a concurrent client's half-published ".*.tmp" entry is not ours to remove)
+            if entry != stored and not entry.name.startswith(".") and entry.stat().st_nlink == 1:
                 entry.unlink()
         except OSError:
             continue  # removed by a concurrent client

@@ -66,3 +66,13 @@ def test_a_client_that_finds_the_entry_published_meanwhile_links_to_it(tmp_path:
     write_shared_copy(tmp_path / "b" / "w.safetensors", b"weights", store)
     assert (tmp_path / "b" / "w.safetensors").stat().st_ino == (tmp_path / "a" / "w.safetensors").stat().st_ino
     assert list(store.iterdir()) == [entry]
+
+
+def test_a_concurrent_clients_half_published_entry_is_left_alone(tmp_path: Path) -> None:
+    """Client B's entry being written (a temporary file, one link) when client A cleans the store up."""
+    store = tmp_path / "store"
+    store.mkdir()
+    in_flight = store / ".0123abcd.safetensors.5f5f.tmp"
+    in_flight.write_bytes(b"weights")
+    write_shared_copy(tmp_path / "a" / "w.safetensors", b"weights", store)
+    assert in_flight.exists()
