@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import Context, Message
@@ -28,7 +29,7 @@ from oscar_client.policy import ClientPolicy
 from oscar_common.classifier import classifier_from_bytes, evaluate_classifier
 from oscar_common.data import ImageListDataset
 from oscar_common.devices import resolve_device
-from oscar_common.files import atomic_write_bytes, safe_filename
+from oscar_common.files import atomic_write_bytes, safe_filename, write_shared_copy
 from oscar_common.logs import setup_logging
 from oscar_common.node_settings import NodeSettings
 from oscar_common.recipes import Preprocessing, standard_preprocessing
@@ -45,6 +46,7 @@ from oscar_common.wire import (
 log = logging.getLogger("oscar.client")
 app = ClientApp()
 WEIGHTS_FILE = "oscar_resnet18.safetensors"
+SHARED_MODELS_DIR = ".models"  # in NodeSettings.shared_dir: received models by content hash
 
 
 @app.train()
@@ -94,9 +96,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     # Validate before use: architecture, class count and every tensor shape (ClassifierFormatError).
     blob = model_blob(msg.content)
     model = classifier_from_bytes(blob, expected_num_classes=len(class_names), expected_class_names=class_names)
-    node.output_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = node.output_dir / WEIGHTS_FILE
-    atomic_write_bytes(weights_path, blob)
+    weights_path = keep_model(node, blob)
 
     _, test_samples, _ = node.load_split(class_names, instruction.seed)
     # The training recipe's test transform, as the server sent it (a server that sends none: the standard one).
@@ -110,6 +110,17 @@ def _evaluate(msg: Message, context: Context) -> Message:
     evaluation = Evaluation(client_name=node.name, accuracy=result.accuracy, num_examples=result.n,
                             per_class=result.per_class_accuracy, unreadable_images=result.unreadable)
     return Message(content=evaluation.to_record(), reply_to=msg)
+
+
+def keep_model(node: NodeSettings, blob: bytes) -> Path:
+    """Save the received weights (already validated) in the client's output dir; returns their path."""
+    weights_path = node.output_dir / WEIGHTS_FILE
+    node.output_dir.mkdir(parents=True, exist_ok=True)
+    if node.shared_dir is not None:  # one copy for all the clients of a simulation, not one each
+        write_shared_copy(weights_path, blob, node.shared_dir / SHARED_MODELS_DIR)
+    else:
+        atomic_write_bytes(weights_path, blob)
+    return weights_path
 
 
 def _reply_or_failure(msg: Message, context: Context, stage: str,

@@ -79,6 +79,7 @@ class OscarConfig:
     dtype: str = "auto"
     min_clients: int = 2
     wait_for_clients_timeout: float = 300.0
+    # Seconds without a new reply before the server stops waiting for the rest (every reply restarts it).
     train_timeout: float = 3600.0
     evaluate_timeout: float = 600.0
     max_payload_bytes: int = 0  # 0: exactly what a valid upload of this run can need (grows with classes)

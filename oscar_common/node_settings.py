@@ -39,6 +39,9 @@ class NodeSettings:
     test_list: Path | None = None
     device: str = "auto"
     benchmark: Mapping[str, Any] | None = None  # benchmark keys, when this node reads a benchmark
+    # A folder this client shares with the other clients of its benchmark root (every client of a local
+    # simulation): the broadcast model is kept there once, hard-linked into each output dir.
+    shared_dir: Path | None = None
 
     @classmethod
     def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> "NodeSettings":
@@ -74,9 +77,10 @@ class NodeSettings:
         root = Path(str(benchmark.get("benchmark-root", ""))).expanduser()
         name = str(node_config.get("name") or benchmark_client_name(benchmark))
         # Several clients share one benchmark root (always in simulation): one output folder each.
-        output_dir = Path(str(node_config.get("output-dir") or root / ".oscar-output" / name)).expanduser()
-        return cls(data_dir=root, name=name, output_dir=output_dir,
-                   device=str(node_config.get("device", "auto")), benchmark=dict(benchmark))
+        shared = root / ".oscar-output"
+        output_dir = Path(str(node_config.get("output-dir") or shared / name)).expanduser()
+        return cls(data_dir=root, name=name, output_dir=output_dir, device=str(node_config.get("device", "auto")),
+                   benchmark=dict(benchmark), shared_dir=None if node_config.get("output-dir") else shared)
 
 
     def load_split(self, class_names: Sequence[str], seed: int) -> tuple[list[Sample], list[Sample], list[str]]:

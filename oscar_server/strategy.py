@@ -99,6 +99,7 @@ class OscarStrategy(Strategy):
         self._expect = Expectation.of(self.instruction, max_bytes=cfg.max_payload_bytes,
                                       feature_dim=text_embedding_dim(cfg.scheme, cfg.client_encoder_id))
         self._handled: set[str] = set()  # reply message ids already handled
+        self._accepted_names: set[str] = set()  # client names of accepted uploads (payload file names)
         # message id -> node it was sent to: an error reply made by the SuperLink for a dead node
         # carries the SuperLink as sender, so the recipient of the original message is the truth.
         self._recipients: dict[str, int] = {}
@@ -277,8 +278,9 @@ class OscarStrategy(Strategy):
         except PayloadError as exc:
             self._reject(node_id, f"invalid payload: {exc}", claimed_name(reply.content))
             return
-        if any(c.name == upload.client_name for c in self.state.clients.values()):
+        if upload.client_name in self._accepted_names:  # a set: 100 uploads, not 100 x 100 comparisons
             upload.client_name = f"{upload.client_name}-{node_id}"  # names must be unique on disk
+        self._accepted_names.add(upload.client_name)
         record = ClientRecord(node_id=node_id, upload=upload, upload_bytes=wire_size(reply.content))
         self.state.clients[node_id] = record
         path = self.run_dir.save_payload(upload, node_id)
@@ -332,7 +334,13 @@ class OscarStrategy(Strategy):
 
     def _send_and_collect(self, grid: Grid, messages: list[Message], timeout: float, what: str,
                           on_reply: Callable[[Message], None] | None = None) -> list[Message]:
-        """Push, then pull replies as they come until all arrived or ``timeout`` passed."""
+        """Push, then pull replies as they come until all arrived or none came for ``timeout`` seconds.
+
+        The wait restarts with every reply: Flower's simulation engine runs its virtual clients a few at a
+        time, so 100 clients take 50 times as long as 2, and a deadline counted from the push would drop
+        the last ones of a large federation however healthy they are. A silent node still ends the round
+        ``timeout`` seconds after the last reply (real SuperNodes work in parallel: about the same end).
+        """
         if not messages:
             return []
         pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
@@ -340,15 +348,18 @@ class OscarStrategy(Strategy):
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
+            pulled = grid.pull_messages(list(pending))
+            for reply in pulled:
                 pending.pop(reply.metadata.reply_to_message_id, None)
                 replies.append(reply)
                 if on_reply is not None:
                     on_reply(reply)
+            if pulled:
+                deadline = time.monotonic() + timeout
             if pending:
                 time.sleep(POLL_SECONDS)
         for node_id in pending.values():
-            reason = f"no {what} reply within {timeout:.0f}s"
+            reason = f"no {what} reply within {timeout:g}s" + (" of the last reply" if replies else "")
             if what == "identify":
                 log.warning("node %s: %s", node_id, reason)
             elif node_id in self.state.clients:  # uploaded, but did not evaluate

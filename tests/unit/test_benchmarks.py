@@ -17,7 +17,7 @@ from oscar_common.benchmarks import (
     load_benchmark_partition,
 )
 from oscar_common.benchmarks.cli import main as class_names_cli
-from oscar_common.benchmarks.common import BenchmarkOptions
+from oscar_common.benchmarks.common import BenchmarkOptions, images_under
 from oscar_common.benchmarks.domainnet import DOMAINS
 from oscar_common.benchmarks.folders import LabelSkew
 from oscar_common.benchmarks.nico import DG_DOMAINS
@@ -317,6 +317,29 @@ def test_label_skew_partition_through_the_node_config(single_domain):
     assert len(set(tests)) == len(tests) and not set(tests) & set(trains)
     with pytest.raises(BenchmarkError, match="num-clients"):
         load_benchmark_partition({**config, "num-clients": 0, "client-index": 0}, classes)
+
+
+def test_images_under_lists_what_rglob_listed_in_the_same_order(tmp_path):
+    """The fast listing every label-skew client runs over the whole tree keeps the partitions of the
+    pathlib version: same files (hidden, linked folders and non-images left out), same path order."""
+    root = tmp_path / "cls"
+    for rel in ("b.png", "a.PNG", "a-b/1.jpg", "a/z/2.jpeg", "a/1.png", "A/0.png", "notes.txt", "noext",
+                ".hidden.png", ".cache/x.png", "a/.thumbs/y.png", "deep/er/est/3.webp"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.png").write_bytes(b"x")
+    (root / "linked-folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "link.png").symlink_to(root / "b.png")
+    (root / "broken.png").symlink_to(root / "missing.png")
+    (root / "folder.png").mkdir()
+
+    expected = [root / rel for rel in ("A/0.png", "a/1.png", "a/z/2.jpeg", "a-b/1.jpg", "a.PNG", "b.png",
+                                       "deep/er/est/3.webp", "link.png")]
+    assert images_under(root) == expected
+    assert images_under(root) == sorted(  # the listing it replaced (pathlib's rglob)
+        p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
+        and not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file())
 
 
 # --------------------------------------------------------------------------- node and run config

