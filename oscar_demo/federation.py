@@ -222,7 +222,8 @@ class LocalFederation:
 
     def process_tree(self) -> set[int]:
         """Every PID this federation started, with everything those started in turn."""
-        return {pid for proc in self.processes.values() for pid in {proc.pid, *descendants(proc.pid)}}
+        started = list(self.processes.values())  # a snapshot: `flwr run` may add a process meanwhile (other thread)
+        return {pid for proc in started for pid in {proc.pid, *descendants(proc.pid)}}
 
     def server_app_pids(self) -> list[int]:
         """PIDs of the ServerApp processes the SuperLink started (to simulate a server crash)."""
