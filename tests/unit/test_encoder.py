@@ -316,3 +316,34 @@ def test_workers_hand_over_uint8_and_the_device_finishes_the_processor(tiny_hub:
     with Image.open(samples[1].path) as image:
         expected = captioner.image_processor(images=image.convert("RGB"), return_tensors="pt").pixel_values
     torch.testing.assert_close(captioner.normalize(resized[None]), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+def test_batches_assembled_from_decoded_chunks_keep_size_and_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   chunk: int) -> None:
+    """Workers decode chunks; each generate gets exactly batch_size images (the last fewer), in input order,
+    whatever the chunk size and with an unreadable image in between."""
+    from transformers import BlipImageProcessor
+
+    samples = _digit_folder(tmp_path, {3: 6, 7: 6})
+    paths = [s.path for s in samples]
+    paths.insert(4, tmp_path / "broken.png")
+    paths[4].write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    class Recorder:  # the part of a Captioner that caption_batches uses
+        image_processor = BlipImageProcessor(size={"height": 8, "width": 8})
+        device = CPU
+        sizes: list[int] = []
+
+        def generate(self, pixel_values: torch.Tensor, *, max_new_tokens: int) -> list[str]:
+            self.sizes.append(len(pixel_values))
+            return [str(int(p.sum())) for p in pixel_values]  # a caption that identifies the image
+
+    monkeypatch.setattr(captioning, "LOADER_CHUNK", chunk)
+    recorder = Recorder()
+    batches = list(captioning.caption_batches(paths, recorder, batch_size=5, num_workers=0, max_new_tokens=1))
+    assert recorder.sizes == [5, 5, 2]  # 12 readable images
+    assert [i for b in batches for i in b.indices] == [i for i in range(len(paths)) if i != 4]
+    assert [i for b in batches for i, _ in b.unreadable] == [4]
+    expected = {i: str(int(CaptionInputs(paths, recorder.image_processor)[i][1].sum())) for i in range(len(paths)) if i != 4}
+    assert {i: c for b in batches for i, c in zip(b.indices, b.captions)} == expected
