@@ -37,3 +37,18 @@ def test_sources_that_are_neither_file_nor_pair_are_refused(capsys: pytest.Captu
     assert "neither a TOML file nor key=value" in capsys.readouterr().err
     assert main(["class-names=a,b"]) == 1
     assert "text needs quotes, e.g. class-names='a,b'" in capsys.readouterr().err
+
+
+def test_the_oscar_config_commands_in_readme_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `oscar-config <file in this repository> ...` line of README works when typed (shell quoting
+    included); README once gave `run-name=mine`, which oscar-config refuses (text needs quotes)."""
+    import shlex
+
+    repo = EXAMPLE.parents[1]
+    commands = [shlex.split(line.split("#")[0]) for line in (repo / "README.md").read_text().splitlines()
+                if line.startswith("oscar-config ")]
+    runnable = [argv[1:] for argv in commands if (repo / argv[1]).is_file()]
+    assert runnable, "README shows no oscar-config command on a file of this repository"
+    monkeypatch.chdir(tmp_path)  # --out files land here
+    for argv in runnable:
+        assert main([str(repo / argv[0]), *argv[1:]]) == 0, argv
