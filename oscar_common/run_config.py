@@ -5,7 +5,7 @@ Flower refuses a run config key that ``[tool.flwr.app.config]`` does not declare
 ``flwr run --run-config`` takes either a TOML file or ``key=value`` pairs, not both. So::
 
     oscar-config examples/demo-simulation.toml                       # check: every problem, named
-    oscar-config examples/demo-simulation.toml run-name=again --out run.toml   # merge, check, write
+    oscar-config examples/demo-simulation.toml "run-name='again'" --out run.toml   # merge, check, write
     flwr run . local --stream --run-config run.toml
 
 Sources are read left to right (later ones win): TOML files, and ``key=value`` pairs with TOML values

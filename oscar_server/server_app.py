@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     if run_dir.finished_status() is not None:  # checked before anything is written into it
         exc = FinishedRunError(f"run {run_dir.root.name} already finished ({run_dir.finished_status()}); its "
                                f"report {run_dir.report_json} was left as it is. Choose another run-name (an empty "
-                               "one gives a fresh run-<id> folder), e.g. `oscar-config YOUR.toml run-name=NEW "
+                               "one gives a fresh run-<id> folder), e.g. `oscar-config YOUR.toml \"run-name='NEW'\" "
                                "--out run.toml` and `flwr run ... --run-config run.toml`")
         log.error("%s", exc)
         raise RunFailed(f"OSCAR status: failed — {exc}") from None

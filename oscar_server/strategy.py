@@ -218,7 +218,7 @@ class OscarStrategy(Strategy):
             raise FinishedRunError(
                 f"run {self.run_dir.root.name} already finished ({status}; report {self.run_dir.report_json}); "
                 "nothing was changed. Start a new run with another run-name (or an empty run-name for a fresh "
-                "run-<id> folder), e.g. `oscar-config YOUR.toml run-name=NEW --out run.toml`")
+                "run-<id> folder), e.g. `oscar-config YOUR.toml \"run-name='NEW'\" --out run.toml`")
         saved = self.run_dir.load_upload_round()
         if saved is None:
             return False

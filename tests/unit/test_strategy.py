@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
+import shlex
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from flwr.app import Error, Message, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from oscar_common.config import OscarConfig
+from oscar_common.run_config import main as run_config_main
 from oscar_common.wire import IDENTIFY_MESSAGE_TYPE, ClientFailure, Identity, Upload
 from oscar_server.report import build_report
 from oscar_server.run_dir import FinishedRunError, RunDirectory
@@ -124,9 +127,15 @@ def test_too_few_valid_uploads_fail_the_run_before_any_synthesis(strategy: Oscar
 
 def test_a_finished_run_is_never_resumed(strategy: OscarStrategy) -> None:
     strategy.run_dir.report_json.write_text('{"status": "completed", "clients": ["kept"]}')
-    with pytest.raises(FinishedRunError, match="already finished"):
+    with pytest.raises(FinishedRunError, match="already finished") as refused:
         strategy.start(FakeGrid([1, 2, 3]))
     assert strategy.run_dir.report_json.read_text() == '{"status": "completed", "clients": ["kept"]}'
+    # the command it suggests works when typed
+    suggested = shlex.split(re.search(r"`(oscar-config [^`]*)`", str(refused.value)).group(1))
+    example = Path(__file__).resolve().parents[2] / "examples" / "demo-simulation.toml"
+    out = strategy.run_dir.root.parent / "suggested.toml"
+    argv = [str(example) if a == "YOUR.toml" else str(out) if a == "run.toml" else a for a in suggested[1:]]
+    assert run_config_main(argv) == 0 and "run-name = \"NEW\"" in out.read_text()
 
 
 def test_resumed_clients_are_found_by_name_on_new_node_ids(strategy: OscarStrategy) -> None:
