@@ -39,13 +39,14 @@ class ClassAccumulator:
         if summed.shape != embeddings.shape:
             raise ValueError(f"transform changed the batch shape from {embeddings.shape} to {summed.shape}")
         for class_id in np.unique(labels).tolist():
-            rows = summed[labels == class_id].sum(axis=0, dtype=np.float64)
+            mask = labels == class_id
+            rows = summed[mask].sum(axis=0, dtype=np.float64)
             if class_id in self._sums:
                 self._sums[class_id] += rows
-                self._counts[class_id] += int((labels == class_id).sum())
+                self._counts[class_id] += int(mask.sum())
             else:
                 self._sums[class_id] = rows
-                self._counts[class_id] = int((labels == class_id).sum())
+                self._counts[class_id] = int(mask.sum())
 
     @property
     def class_ids(self) -> np.ndarray:

@@ -96,7 +96,6 @@ def encode_client(
     cache: CaptionCache | None,
     keep_embeddings: bool = False,
     cache_dir: str | Path | None = None,
-    accumulator: ClassAccumulator | None = None,
 ) -> EncodedClient:
     """Caption, encode and sum a client's labelled image files under ``scheme`` (``pooled`` or ``tokens``).
 
@@ -104,8 +103,7 @@ def encode_client(
     device (``oscar_client.captioning.resolve_batch_size``), ``num_workers`` -1 likewise. ``cache``: the
     client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
     ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
-    ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models). ``accumulator`` replaces the plain
-    per-class sums, e.g. by one that clips each embedding first (differential privacy).
+    ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models).
     """
     # 1. Check inputs (before any model is loaded)
     if scheme not in SCHEMES:
@@ -122,8 +120,6 @@ def encode_client(
         raise ValueError(f"caption workers must be >= 0, or {AUTO} for automatic, got {num_workers}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if keep_embeddings and accumulator is not None and not accumulator.keep_embeddings:
-        raise ValueError("keep_embeddings=True needs an accumulator made with keep_embeddings=True")
     if keep_embeddings:
         _check_keep_budget(len(samples), scheme, encoder_id, cache_dir)
     labels = np.array([index[s.class_name] for s in samples], dtype=np.int64)
@@ -149,7 +145,7 @@ def encode_client(
     else:
         tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
         encode = encode_tokens
-    sums = accumulator if accumulator is not None else ClassAccumulator(keep_embeddings=keep_embeddings)
+    sums = ClassAccumulator(keep_embeddings=keep_embeddings)
     for start in progress(range(0, len(readable), TEXT_BATCH_SIZE), desc="encoding captions", unit="batch",
                           logger=log, leave=False):
         chunk = readable[start : start + TEXT_BATCH_SIZE]
@@ -158,13 +154,13 @@ def encode_client(
     del tokenizer, text_model
     free_device_memory(device)
 
-    class_ids = sums.class_ids
+    class_ids, totals = sums.class_ids, sums.sums()
     log.info("encoded %d captions into sums of %d classes, shape %s, in %.1f s", len(readable), len(class_ids),
-             tuple(sums.sums().shape[1:]), time.perf_counter() - started)
+             tuple(totals.shape[1:]), time.perf_counter() - started)
     return EncodedClient(
         class_ids=class_ids,
         counts=sums.counts,
-        sums=sums.sums(),
+        sums=totals,
         captions=[captions[i] for i in readable],
         paths=[Path(samples[i].path) for i in readable],
         labels=labels[readable],

@@ -115,7 +115,7 @@ def build_preview(node: NodeSettings, instruction: TrainInstruction, policy: Cli
 
     folder = preview_dir(node)
     result = {"client": node.name, "upload_digest": prepared.digest, "scheme": instruction.scheme,
-              "differential_privacy": None if upload.dp is None else dict(upload.dp.__dict__),
+              "differential_privacy": None if upload.dp is None else upload.dp.as_dict(),
               "classes": rows, "generated_images": sum(len(v) for v in images.values()),
               "seconds": round(time.monotonic() - started, 1), "instruction": _instruction_json(instruction)}
     atomic_write_bytes(folder / "preview.md", _markdown(result).encode())

@@ -57,31 +57,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import dp_accounting
 import numpy as np
 
+from oscar_common.wire import DpRecord  # what was applied: goes on the wire and into the report
+
 MECHANISM = "gaussian, analytic calibration (Balle & Wang 2018)"
 NEIGHBOURING = "replace-one"
-
-
-@dataclass(frozen=True)
-class DpRecord:
-    """What was applied to a release: goes on the wire and into the report."""
-
-    mechanism: str
-    neighbouring: str
-    epsilon: float
-    delta: float
-    sigma: float  # per-coordinate noise standard deviation
-    sensitivity: float  # L2 sensitivity of one class mean: 2 * clip_norm / min_images
-    clip_norm: float
-    min_images: int  # the public n_pub the sensitivity is computed with (not any class's true count)
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
 
 
 def clip_to_norm(x: np.ndarray, max_norm: float) -> np.ndarray:

@@ -22,7 +22,6 @@ import numpy as np
 from oscar_client.caption_cache import CaptionCache
 from oscar_client.encoder import EncodedClient, encode_client
 from oscar_client.policy import ClientPolicy
-from oscar_client.privacy import DpRecord as PrivacyRecord
 from oscar_client.privacy import keyed_generator, privatize_class_means
 from oscar_client.prototypes import class_prototypes
 from oscar_common.devices import resolve_device, resolve_dtype
@@ -96,7 +95,7 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
         "captioned": encoded.captioned,
         "captions_from_cache": encoded.cached,
         "shared_counts": shares,
-        "differential_privacy": None if dp is None else dict(dp.__dict__),
+        "differential_privacy": None if dp is None else dp.as_dict(),
         "prototypes_per_class": prototypes,
         "upload_digest": approval_digest(instruction, policy, data),
     }
@@ -129,7 +128,7 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
                                               clip_norm=policy.dp_clip_norm, min_images=min_images, rng=rng,
                                               center=center)
         counts = np.asarray([len(per_class[c]) for c in kept], dtype=np.int64)
-        return np.asarray(kept, dtype=np.int64), means.astype(np.float32), counts, _wire_dp(record)
+        return np.asarray(kept, dtype=np.int64), means.astype(np.float32), counts, record
     ids, means, counts = [], [], []
     for c in kept:
         centroids, sizes = class_prototypes(per_class[c], k=instruction.prototypes_per_class, min_size=min_images,
@@ -139,11 +138,6 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
         counts += sizes.tolist()
     return (np.asarray(ids, dtype=np.int64), np.concatenate(means).astype(np.float32),
             np.asarray(counts, dtype=np.int64), None)
-
-
-def _wire_dp(record: PrivacyRecord) -> DpRecord:
-    values = record.as_dict()
-    return DpRecord(**{key: values[key] for key in DpRecord.__dataclass_fields__})
 
 
 def _public_center(instruction: TrainInstruction, node: NodeSettings) -> np.ndarray | None:
@@ -173,12 +167,14 @@ def caption_digest(encoded: EncodedClient, kept: list[int]) -> bytes:
     where float embeddings can differ in their last bits between processes: a preview and the upload that
     follows it must agree on this digest, and DP noise is keyed on it.
     """
+    by_class: dict[int, list[str]] = {}
+    for caption, label in zip(encoded.captions, encoded.labels.tolist()):
+        by_class.setdefault(label, []).append(caption)
     digest = hashlib.sha256()
     for class_id in kept:
         digest.update(f"\x00class {class_id}\x00".encode())
-        for caption, label in zip(encoded.captions, encoded.labels):
-            if label == class_id:
-                digest.update(caption.encode() + b"\x00")
+        for caption in by_class.get(int(class_id), []):
+            digest.update(caption.encode() + b"\x00")
     return digest.digest()
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -183,7 +183,7 @@ def model_blob(content: RecordDict) -> bytes:
 # ----------------------------------------------------------------------------- client -> server
 @dataclass
 class DpRecord:
-    """What a client states about the differential privacy it applied (oscar_client.privacy)."""
+    """What a client states about the differential privacy it applied (oscar_client.privacy makes it)."""
 
     mechanism: str
     neighbouring: str
@@ -194,8 +194,11 @@ class DpRecord:
     clip_norm: float
     min_images: int
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def to_meta(self) -> dict[str, Any]:
-        return {f"dp-{key.replace('_', '-')}": value for key, value in self.__dict__.items()}
+        return {f"dp-{key.replace('_', '-')}": value for key, value in self.as_dict().items()}
 
     @classmethod
     def from_meta(cls, meta: "_Fields") -> "DpRecord":
