@@ -80,11 +80,15 @@ def _proc_memory_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def _side(pid: int) -> str:
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's argv, or None once it is gone."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
     except OSError:
-        return "gone"
+        return None
+
+
+def _side(argv: list[str]) -> str:
     # a console script's cmdline is [python, .../bin/flwr, run, ...] (shebang) or [flwr, run, ...]
     head = [Path(arg).name for arg in argv[:3]]
     if "flwr" in head[:2] and "run" in head[1:3]:
@@ -121,10 +125,11 @@ class MemorySampler(threading.Thread):
     def sample(self) -> None:
         processes = []
         for pid in self.federation.process_tree():
-            side = _side(pid)
+            argv = _cmdline(pid)
+            side = "gone" if argv is None else _side(argv)
             if side in ("server", "clients"):
                 rss, pss = _proc_memory_kib(pid)
-                processes.append({"pid": pid, "side": side, "name": _name(pid), "pss_mib": round(pss / 1024, 1),
+                processes.append({"pid": pid, "side": side, "name": _name(argv), "pss_mib": round(pss / 1024, 1),
                                   "rss_mib": round(rss / 1024, 1)})
         server = sum(p["pss_mib"] for p in processes if p["side"] == "server")
         clients = sum(p["pss_mib"] for p in processes if p["side"] == "clients")
@@ -145,12 +150,8 @@ class MemorySampler(threading.Thread):
         return self.peak
 
 
-def _name(pid: int) -> str:
+def _name(argv: list[str]) -> str:
     """A short process label: Ray's title (``ray::ClientAppActor``) or the program and its first argument."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
-    except OSError:
-        return "?"
     if argv[0].startswith("ray::") or len(argv) == 1:
         return argv[0][:60]
     programs = [Path(arg).name for arg in argv[:3]]

@@ -30,9 +30,9 @@ from oscar_bench.project import project_dtype
 from oscar_bench.report import Document
 from oscar_bench.scale import SCALES
 from oscar_bench.sections import SECTIONS
-from oscar_bench.timing import Budget, release_memory
+from oscar_bench.timing import Budget
 from oscar_common.config import OscarConfig
-from oscar_common.devices import resolve_device
+from oscar_common.devices import free_device_memory, resolve_device
 
 log = logging.getLogger("oscar.bench")
 
@@ -109,7 +109,7 @@ def run_section(name: str, section, ctx: Context) -> tuple[dict[str, Any], Seque
         result = section.run(ctx)
     except Exception as exc:  # one section's failure must not cost the others their results
         log.exception("section %s failed", name)
-        release_memory(ctx.device)
+        free_device_memory(ctx.device)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
                 "seconds": ctx.budget.elapsed() - started}, ()
     result = {"status": "ok", **result, "seconds": ctx.budget.elapsed() - started}

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
+from oscar_bench.timing import timed
 from oscar_client.caption_cache import CaptionCache
 from oscar_client.captioning import (
     AUTO,
@@ -125,13 +126,13 @@ def bench_client(*, tiny: bool, device: torch.device, images: int, budget_second
 
 def _bare_seconds(batches: list[torch.Tensor], captioner: Captioner) -> float:
     """Seconds of ``model.generate`` over processed batches already on the device."""
-    _sync(captioner.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def generate_all() -> None:
         for pixel_values in batches:
             captioner.model.generate(pixel_values=pixel_values, max_new_tokens=MAX_NEW_TOKENS)
-    _sync(captioner.device)
-    return time.perf_counter() - started
+
+    return timed(generate_all, captioner.device)[1]
 
 
 # ---------------------------------------------------------------------- models
@@ -200,7 +201,3 @@ def _processed(paths: list[Path], captioner: Captioner) -> torch.Tensor:
             images.append(image.convert("RGB"))
     return captioner.image_processor(images=images, return_tensors="pt").pixel_values
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from oscar_client.caption_cache import CaptionCache, file_digests
+from oscar_common.data import UNREADABLE
 from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
 
@@ -47,7 +48,6 @@ CPU_BATCH_SIZE = 8  # batch_size 0 on a CPU: generate is compute-bound there, la
 MAX_AUTO_BATCH_SIZE = 128
 LOADER_CHUNK = 16  # images a DataLoader worker decodes per item; batches are assembled from these chunks
 AUTO_MEMORY_FRACTION = 0.5  # share of free GPU memory an automatic batch may plan to use
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
 _NAMED_UNREADABLE = 10  # how many unreadable files the summary line names
 
 

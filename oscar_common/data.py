@@ -230,6 +230,11 @@ def load_client_split(
     return train, test
 
 
+# What reading an image file can raise: UnidentifiedImageError is an OSError; truncated files raise OSError on
+# decode. Every path that reads images skips (and names) these instead of crashing.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
 def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
@@ -245,8 +250,7 @@ def load_rgb_images(
     for index, sample in enumerate(progress(samples, desc="load images", unit="img", leave=False, logger=logger)):
         try:
             images.append(open_rgb(sample.path))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            # UnidentifiedImageError is an OSError; truncated files raise OSError on decode.
+        except UNREADABLE as exc:
             logger.warning("skipping unreadable image %s: %s", sample.path, exc)
             bad.append(sample)
             continue
@@ -299,7 +303,7 @@ class ImageListDataset(Dataset):
         else:
             try:
                 image = open_rgb(Path(source))
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            except UNREADABLE as exc:
                 if self.skip_unreadable:
                     logger.warning("skipping unreadable image %s: %s", source, exc)
                     return None

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from oscar_common.data import open_rgb
+from oscar_common.data import UNREADABLE, open_rgb
 from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class _Decode(Dataset):
         source = self.sources[index]
         try:
             image = source.convert("RGB") if isinstance(source, Image.Image) else open_rgb(Path(source))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            # UnidentifiedImageError is an OSError; truncated files raise OSError on decode.
+        except UNREADABLE as exc:
             return index, torch.empty(0, dtype=torch.uint8), f"{exc}"
         # A square of ``side``: synthetic images are square; others are squashed, as Resize((s, s)) does.
         image = image.resize((self.side, self.side), Image.Resampling.BICUBIC)

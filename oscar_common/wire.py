@@ -51,7 +51,8 @@ FAILURE_KEY = "oscar.failure"  # ConfigRecord of a reply that reports a client-s
 
 UPLOAD_ARRAYS = ("class_ids", "means")  # always present
 COUNTS_ARRAY = "counts"  # only with share-counts
-_OLD_KEYS = ("oscar.payload", "oscar.meta")  # format version 1 (until this release)
+_OLD_META_KEY = "oscar.meta"  # format version 1 (until this release): its metadata record
+_OLD_KEYS = ("oscar.payload", _OLD_META_KEY)
 
 
 class PayloadError(ValueError):
@@ -561,7 +562,7 @@ def one_line(text: str, limit: int = 300) -> str:
 
 def claimed_name(content: RecordDict) -> str | None:
     """The client name a reply states, if any: for log lines about replies that failed validation."""
-    for key in (UPLOAD_META_KEY, IDENTITY_KEY, FAILURE_KEY, "oscar.meta"):
+    for key in (UPLOAD_META_KEY, IDENTITY_KEY, FAILURE_KEY, _OLD_META_KEY):
         record = content.config_records.get(key)
         name = record.get("client-name") if record is not None else None
         if isinstance(name, str) and name:

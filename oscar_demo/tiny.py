@@ -54,6 +54,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from oscar_common.models import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
+
 log = logging.getLogger(__name__)
 
 CAPTIONER_ID = "Salesforce/blip-image-captioning-base"
@@ -61,7 +63,6 @@ BLIP2_ID = "Salesforce/blip2-flan-t5-xl"  # the official OSCAR code's captioner 
 CLIP_ID = "openai/clip-vit-base-patch32"
 DIFFUSION_ID = "CompVis/stable-diffusion-v1-4"
 
-STAND_IN_MARKER = "OSCAR_STAND_IN.txt"
 STAND_IN_TEXT = "tiny random-weight stand-in built by oscar_demo.tiny (outputs are noise; accuracy is at chance)"
 CLIP_MAX_LENGTH = 77
 CLIP_PROJECTION_DIM = 512  # openai/clip-vit-base-patch32's, so pooled payloads are K x 512

@@ -25,6 +25,11 @@ def stage_settings_path(run_root: Path, stage: str) -> Path:
     return Path(run_root) / "stages" / f"{stage}.json"
 
 
+def stage_summary_path(run_root: Path, stage: str) -> Path:
+    """What a stage's last run did (written by the stage, read by the strategy and the report)."""
+    return Path(run_root) / "stages" / f"{stage}-summary.json"
+
+
 def check_stage_settings(run_root: Path, stage: str, settings: Mapping[str, Any], *, fresh_hint: str) -> None:
     """Record ``settings`` for ``stage`` on first use; afterwards raise if any of them changed.
 

@@ -9,7 +9,6 @@ on a GPU is not bit-reproducible.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Any
 import torch
 
 from oscar_common.config import OscarConfig
+from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.wire import Upload
 from oscar_common.inversion import InvertedPrompt, invert_embeddings
-from oscar_server.synthesis_jobs import UploadRow, prompt_class_name
+from oscar_server.synthesis_jobs import UploadRow, prompt_class_name, row_means
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def decode_prompts(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConf
 
 def _invert(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig,
             device: torch.device) -> list[InvertedPrompt]:
-    means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
-    targets = torch.stack([means[row.client][row.row] for row in rows])
+    targets = row_means(rows, payloads)
     # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
     tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
     try:
@@ -65,9 +64,7 @@ def _invert(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig,
                                  chunk_size=cfg.inversion_chunk_size)
     finally:
         del text_model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(device)
 
 
 def _saved(prompts_path: Path, rows: list[UploadRow]) -> list[InvertedPrompt] | None:

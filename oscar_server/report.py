@@ -19,7 +19,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import stand_in_note
 from oscar_server.run_dir import RunDirectory
-from oscar_server.strategy import RunState
+from oscar_server.strategy import RunState, rejected_sender
 from oscar_server.synthesis_jobs import synthetic_images
 
 # samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
@@ -36,7 +36,7 @@ def natural_key(name: str) -> list[str | int]:
 def run_status(report_clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
                error: str | None) -> tuple[str, list[str]]:
     """(status, problems): what completed and what did not, one line per client that fell short."""
-    problems = [f"{r.get('name') or 'node ' + str(r['node_id'])}: upload rejected: {r['reason']}" for r in rejected]
+    problems = [f"{rejected_sender(r)}: upload rejected: {r['reason']}" for r in rejected]
     problems += [f"{c['name']}: no evaluation: {c['evaluation_error'] or 'no reply'}"
                  for c in report_clients if c["test_accuracy"] is None]
     if error is not None:

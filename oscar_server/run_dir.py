@@ -93,6 +93,15 @@ class RunDirectory:
             return None
         return status if status in FINISHED_STATUSES else None
 
+    def refuse_if_finished(self) -> None:
+        """Raise :class:`FinishedRunError` (saying what to do instead) if the run went through."""
+        status = self.finished_status()
+        if status is not None:
+            raise FinishedRunError(
+                f"run {self.root.name} already finished ({status}); its report {self.report_json} was left as it "
+                "is. Choose another run-name (an empty one gives a fresh run-<id> folder), e.g. `oscar-config "
+                "YOUR.toml \"run-name='NEW'\" --out run.toml` and `flwr run ... --run-config run.toml`")
+
     def save_config(self, cfg: OscarConfig) -> None:
         atomic_write_json(self.config_path, cfg.to_dict())
 

@@ -38,11 +38,9 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", exc)
         raise RunFailed(f"OSCAR status: failed — {exc} (nothing was run)") from None
     run_dir = RunDirectory.for_run(cfg, context.run_id)
-    if run_dir.finished_status() is not None:  # checked before anything is written into it
-        exc = FinishedRunError(f"run {run_dir.root.name} already finished ({run_dir.finished_status()}); its "
-                               f"report {run_dir.report_json} was left as it is. Choose another run-name (an empty "
-                               "one gives a fresh run-<id> folder), e.g. `oscar-config YOUR.toml \"run-name='NEW'\" "
-                               "--out run.toml` and `flwr run ... --run-config run.toml`")
+    try:
+        run_dir.refuse_if_finished()  # checked before anything is written into it
+    except FinishedRunError as exc:
         log.error("%s", exc)
         raise RunFailed(f"OSCAR status: failed — {exc}") from None
     started = time.monotonic()

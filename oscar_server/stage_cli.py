@@ -13,10 +13,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch.distributed as dist
+from accelerate import PartialState
 
 from oscar_common.config import OscarConfig
 from oscar_common.logs import FORMAT, interactive, setup_logging
 from oscar_server.run_dir import RunDirectory
+
+T = TypeVar("T")
 
 
 def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:
@@ -31,7 +37,7 @@ def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:
 
 def load_stage_config(run_dir: RunDirectory, overrides: list[str]) -> OscarConfig:
     """The run's config from ``config.json``, with ``KEY=VALUE`` overrides; unknown keys are errors."""
-    path = run_dir.root / "config.json"
+    path = run_dir.config_path
     if not path.exists():
         raise FileNotFoundError(f"{run_dir.root} is not an OSCAR run directory: it has no config.json "
                                 "(the ServerApp writes one when a run starts)")
@@ -68,3 +74,25 @@ def setup_stage_logging() -> None:
         rank = os.environ.get("RANK", "?")
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", f"[rank {rank}/{world}] %(name)s")))
+
+
+def on_first_process(state: PartialState, work: Callable[[], T], *, errors: tuple[type[Exception], ...]) -> T:
+    """Run ``work`` on the first process only and give every process its result, or its error: one of
+    ``errors`` is raised again as itself everywhere, anything else as a RuntimeError with its message."""
+    if state.num_processes == 1:
+        return work()
+    outcome: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = work()
+        except Exception as exc:  # every process must learn of it, or the others wait forever
+            outcome[1] = (type(exc).__name__, str(exc))
+            raise
+        finally:
+            dist.broadcast_object_list(outcome, src=0)
+    else:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        kind, message = outcome[1]
+        raise {e.__name__: e for e in errors}.get(kind, RuntimeError)(message)
+    return outcome[0]

@@ -36,6 +36,7 @@ import torch
 
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device
+from oscar_server.fingerprint import stage_summary_path
 from oscar_server.run_dir import RunDirectory
 
 log = logging.getLogger("oscar.stages")
@@ -50,7 +51,7 @@ class Stage:
     function: str  # <module>.<function>(run_dir, cfg) runs it in-process
 
     def summary_path(self, run_dir: RunDirectory) -> Path:
-        return run_dir.root / "stages" / f"{self.name}-summary.json"
+        return stage_summary_path(run_dir.root, self.name)
 
 
 STAGES = {
@@ -142,7 +143,7 @@ def _run_child(spec: Stage, command: list[str]) -> None:
 
 def _check_saved_config(run_dir: RunDirectory, cfg: OscarConfig) -> None:
     """Child processes read ``config.json``: it must say what ``cfg`` says."""
-    path = run_dir.root / "config.json"
+    path = run_dir.config_path
     saved = json.loads(path.read_text()) if path.exists() else None
     if saved != json.loads(json.dumps(cfg.to_dict())):
         raise ValueError(f"{path} is missing or differs from the configuration this stage was asked to run "

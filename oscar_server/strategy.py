@@ -48,7 +48,7 @@ from oscar_common.wire import (
     train_content,
     wire_size,
 )
-from oscar_server.run_dir import FinishedRunError, RunDirectory
+from oscar_server.run_dir import RunDirectory
 from oscar_server.stage_launcher import run_stage
 from oscar_server.synthesize import SynthesisSummary
 from oscar_server.train import TrainingSummary
@@ -213,12 +213,7 @@ class OscarStrategy(Strategy):
 
     def _resume_upload_round(self) -> bool:
         """Take the uploads of a finished upload round from the run dir instead of asking again."""
-        status = self.run_dir.finished_status()
-        if status is not None:
-            raise FinishedRunError(
-                f"run {self.run_dir.root.name} already finished ({status}; report {self.run_dir.report_json}); "
-                "nothing was changed. Start a new run with another run-name (or an empty run-name for a fresh "
-                "run-<id> folder), e.g. `oscar-config YOUR.toml \"run-name='NEW'\" --out run.toml`")
+        self.run_dir.refuse_if_finished()
         saved = self.run_dir.load_upload_round()
         if saved is None:
             return False
@@ -370,9 +365,14 @@ class OscarStrategy(Strategy):
         return replies
 
 
+def rejected_sender(rejection: dict[str, Any]) -> str:
+    """Who sent a rejected upload: the name it claimed, else its node."""
+    return rejection.get("name") or f"node {rejection['node_id']}"
+
+
 def _rejections_hint(rejected: list[dict[str, Any]]) -> str:
     """The first rejection reasons, so the failure line says why without opening the report."""
     if not rejected:
         return ""
-    shown = "; ".join(f"{r.get('name') or 'node ' + str(r['node_id'])}: {r['reason']}" for r in rejected[:3])
+    shown = "; ".join(f"{rejected_sender(r)}: {r['reason']}" for r in rejected[:3])
     return f" (rejected: {shown}{' ...' if len(rejected) > 3 else ''})"

@@ -63,6 +63,12 @@ def upload_rows(payloads: Iterable["Upload"]) -> list[UploadRow]:
     return rows
 
 
+def row_means(rows: list[UploadRow], payloads: Iterable["Upload"]) -> torch.Tensor:
+    """The uploaded means of ``rows``, stacked in that order, float32 (they may travel as float16)."""
+    means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}
+    return torch.stack([means[row.client][row.row] for row in rows])
+
+
 @dataclass
 class SynthesisJob:
     client: str

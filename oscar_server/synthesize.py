@@ -19,7 +19,6 @@ per-image seeds make the set the same whoever generates what. The main process d
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import time
@@ -33,10 +32,10 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from oscar_common.config import OscarConfig
-from oscar_common.devices import resolve_device
+from oscar_common.devices import free_device_memory, resolve_device
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_diffusion_pipeline
-from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage
+from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
 from oscar_server.generation import (
     auto_batch_size,
     configure_cuda,
@@ -47,14 +46,22 @@ from oscar_server.generation import (
 )
 from oscar_server.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import load_stage_config, open_run_directory, setup_stage_logging, stage_arguments
-from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, upload_rows
+from oscar_server.stage_cli import (
+    load_stage_config,
+    on_first_process,
+    open_run_directory,
+    setup_stage_logging,
+    stage_arguments,
+)
+from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
 
 log = logging.getLogger("oscar.synthesis")
 
 STAGE = "synthesis"
 BARRIER_TIMEOUT = timedelta(hours=3)
 FRESH_HINT = "oscar-synthesize RUN_DIR --fresh"
+# Errors that say what to do (said without a traceback by the command, and passed on to every process)
+PLAIN_ERRORS = (StageSettingsChanged, FileNotFoundError)
 
 
 @dataclass
@@ -84,7 +91,7 @@ class SynthesisSummary:
 
 
 def summary_path(run_dir: RunDirectory) -> Path:
-    return run_dir.root / "stages" / f"{STAGE}-summary.json"
+    return stage_summary_path(run_dir.root, STAGE)
 
 
 def synthesis_settings(cfg: OscarConfig) -> dict[str, Any]:
@@ -121,11 +128,12 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
     configure_cuda(tf32=cfg.tf32)
 
     # 2. Resume safety, once, before anything is reused.
-    if state.is_main_process:
+    def check_resume() -> None:
         if fresh:
             discard_synthesis(run_dir)
         check_stage_settings(run_dir.root, STAGE, synthesis_settings(cfg), fresh_hint=FRESH_HINT)
-    state.wait_for_everyone()
+
+    on_first_process(state, check_resume, errors=PLAIN_ERRORS)
 
     # 3. Conditioning per upload row, in (client, class, prototype) order: prompts or per-token means.
     payloads = run_dir.accepted_uploads()
@@ -136,8 +144,7 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
             prompts = decode_prompts(rows, payloads, cfg, run_dir.prompts_path, device)
         conditioning: list[str] | torch.Tensor = [record["prompt"] for record in prompts]
     else:
-        means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}  # float16 in transit
-        conditioning = torch.stack([means[row.client][row.row] for row in rows])
+        conditioning = row_means(rows, payloads)
 
     # 4. The images still missing, shared out among the processes.
     jobs = plan_jobs(rows, conditioning, class_names=cfg.class_names, images_per_class=cfg.images_per_class,
@@ -188,9 +195,7 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
                              batch_size=batch_size, png_writers=cfg.png_writers)
     share["finished"], share["generated"] = time.time(), len(result.written)
     del pipe
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory(device)
     return share
 
 
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"oscar-synthesize: {exc}") from exc
     try:
         synthesize_run(run_dir, cfg, fresh=args.fresh)
-    except (StageSettingsChanged, FileNotFoundError) as exc:  # said plainly, without a traceback
+    except PLAIN_ERRORS as exc:  # said plainly, without a traceback
         raise SystemExit(f"oscar-synthesize: {exc}") from exc
 
 

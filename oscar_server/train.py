@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Iterable
 
 import torch.distributed as dist
 from accelerate import PartialState
@@ -44,9 +44,21 @@ from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filen
 from oscar_common.image_cache import decode_images, decode_workers
 from oscar_common.recipes import resolve_recipe
 from oscar_common.training import train_classifier
-from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_settings_path
+from oscar_server.fingerprint import (
+    StageSettingsChanged,
+    check_stage_settings,
+    forget_stage,
+    stage_settings_path,
+    stage_summary_path,
+)
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import load_stage_config, open_run_directory, setup_stage_logging, stage_arguments
+from oscar_server.stage_cli import (
+    load_stage_config,
+    on_first_process,
+    open_run_directory,
+    setup_stage_logging,
+    stage_arguments,
+)
 from oscar_server.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")
@@ -58,12 +70,14 @@ FRESH_HINT = "oscar-train RUN_DIR --fresh"
 TIMEOUT = timedelta(minutes=30)
 SUMMARY_METADATA = "oscar.training-summary"  # model.safetensors carries its summary (the launcher
 # deletes stages/training-summary.json before each run; a reused model writes it again from there)
-T = TypeVar("T")
 
 
 class SyntheticSetIncomplete(RuntimeError):
     """Synthesis has not written every image the accepted uploads call for."""
 
+
+# Errors that say what to do (said without a traceback by the command, and passed on to every process)
+PLAIN_ERRORS = (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError)
 
 @dataclass
 class TrainingSummary:
@@ -110,7 +124,7 @@ class TrainingSummary:
 
 
 def summary_path(run_dir: RunDirectory) -> Path:
-    return run_dir.root / "stages" / f"{STAGE}-summary.json"
+    return stage_summary_path(run_dir.root, STAGE)
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -132,7 +146,7 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
         "classifier-pretrained": cfg.classifier_pretrained, "seed": cfg.seed, "class-names": list(cfg.class_names),
         "training-images": {"count": len(items), "sha256": _digest(p for p, _ in items)},
     }
-    reuse = _on_first_process(state, lambda: _prepare_outputs(run, settings, fresh=fresh))
+    reuse = on_first_process(state, lambda: _prepare_outputs(run, settings, fresh=fresh), errors=PLAIN_ERRORS)
     if reuse is not None:
         if state.is_main_process:
             log.info("training: reusing %s, trained with the same settings (%s retrains)", run.model_path, FRESH_HINT)
@@ -232,28 +246,6 @@ def _prepare_outputs(run: RunDirectory, settings: dict[str, Any], *, fresh: bool
 
 
 # -------------------------------------------------------------------------------- processes
-def _on_first_process(state: PartialState, work: Callable[[], T]) -> T:
-    """Run ``work`` on the first process only and give every process its result (or its error)."""
-    if state.num_processes == 1:
-        return work()
-    outcome: list[Any] = [None, None]
-    if state.is_main_process:
-        try:
-            outcome[0] = work()
-        except Exception as exc:  # every process must learn of it, or the others wait forever
-            outcome[1] = (type(exc).__name__, str(exc))
-            raise
-        finally:
-            dist.broadcast_object_list(outcome, src=0)
-    else:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        kind, message = outcome[1]
-        known = {e.__name__: e for e in (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError)}
-        raise known.get(kind, RuntimeError)(message)
-    return outcome[0]
-
-
 def _all_devices(state: PartialState, device: str) -> list[str]:
     if state.num_processes == 1:
         return [device]
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_stage_config(run_dir, args.overrides)
         train_run(run_dir, cfg, fresh=args.fresh)
-    except (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError) as exc:
+    except PLAIN_ERRORS as exc:
         raise SystemExit(f"oscar-train: {exc}") from exc  # said plainly, without a traceback
 
 

@@ -19,7 +19,8 @@ from oscar_bench.architectures import build_clip_text_tower
 from oscar_bench.context import Context
 from oscar_bench.project import project_inversion_chunk, project_invert, stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
-from oscar_bench.timing import peak_memory_gb, release_memory, reset_peak_memory, timed
+from oscar_bench.timing import peak_memory_gb, reset_peak_memory, timed
+from oscar_common.devices import free_device_memory
 
 COLUMNS = (Column("run", "name"), Column("targets", "targets"), Column("steps", "steps"),
            Column("check every", "eval_every"), Column("checks", "evals"), Column("seconds", "seconds"),
@@ -77,7 +78,7 @@ def run(ctx: Context) -> dict[str, Any]:
                      "steps": total, "eval_every": every, "evals": evals, "seconds": seconds,
                      "seconds_per_step": seconds / total, "projected": True, "peak_memory_gb": memory})
     del text_model
-    release_memory(ctx.device)
+    free_device_memory(ctx.device)
     return {"rows": rows, "model": model,
             "chunk_size": chunk,
             "notes": [f"{n} unit targets, {config.inversion_tokens} tokens, CLIP ViT-B/32 text tower, float32, in "

@@ -42,8 +42,9 @@ from oscar_bench.project import (
     stage_cuda_settings,
 )
 from oscar_bench.report import Column, RatioSpec
-from oscar_bench.timing import release_memory, timed
+from oscar_bench.timing import timed
 from oscar_common.config import OscarConfig
+from oscar_common.devices import free_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def run(ctx: Context) -> dict[str, Any]:
     notes.append("FLOPs: UNet CFG pair {unet_pair_tflop:.4g} TFLOP per call, VAE decode {vae_decode_tflop:.4g}, "
                  "text encoder {text_sequence_tflop:.3g} per sequence".format(**flops))
     del pipe, project_parts, parts
-    release_memory(ctx.device)
+    free_device_memory(ctx.device)
     return {"rows": rows, "notes": notes, "flop_count": flops,
             "settings": {"resolution": resolution, "steps": steps, "guidance_scale": guidance,
                          "scheduler": config.scheduler, "project_dtype": str(dtype).removeprefix("torch."),

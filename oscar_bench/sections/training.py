@@ -23,7 +23,8 @@ from oscar_bench.architectures import build_resnet18
 from oscar_bench.context import Context
 from oscar_bench.project import project_train
 from oscar_bench.report import Column, RatioSpec
-from oscar_bench.timing import release_memory, timed
+from oscar_bench.timing import timed
+from oscar_common.devices import free_device_memory
 
 COLUMNS = (Column("path", "name"), Column("batch", "batch_size"), Column("size", "image_size"),
            Column("images", "images"), Column("seconds", "seconds"), Column("img/s", "img_per_s"),
@@ -61,7 +62,7 @@ def run(ctx: Context) -> dict[str, Any]:
         images = batch * scale.baseline_iterations
         rows.append({"key": key, "name": f"same model, batch already on {ctx.device.type}", "batch_size": batch,
                      "image_size": image_size, "images": images, "seconds": seconds, "img_per_s": images / seconds})
-    release_memory(ctx.device)
+    free_device_memory(ctx.device)
     precision = "bf16 autocast, channels_last" if ctx.device.type == "cuda" else "float32"
     return {"rows": rows, "notes": [f"{len(items)} PNGs of {scale.png_size}x{scale.png_size}, {NUM_CLASSES} classes, "
                                     f"ResNet-18 from scratch (same cost as ImageNet weights); project: "
