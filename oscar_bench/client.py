@@ -7,7 +7,13 @@ Both run on the same model, batch size, images and device:
   them up, decode + resize + normalise in workers, ``generate``, decode the tokens, store the captions;
 * **bare generate**: ``model.generate`` on batches already processed and already on the device, the
   upper bound of what any data path can reach;
-* **cache second run**: ``caption_files`` again on the same files, which now generates nothing.
+* **cache second run**: ``caption_files`` again on the same files, which now generates nothing;
+* **start-up**: ``caption_files`` over two batches as a client starts, the captioner loaded from a
+  checkpoint on disk while the workers decode: how long the device then waits for its first images.
+
+The timed pipeline passes have the model in memory already; their start-up is the first batch's decoding.
+Each pass reports it apart from the steady rate after it, since a long run amortises the one and not the
+other.
 
 The model is BLIP-base's architecture (Salesforce/blip-image-captioning-base's published config:
 ViT-B/16 at 384 + a BERT-base text decoder, vocabulary 30524) with random weights, built in memory:
@@ -45,6 +51,7 @@ from oscar_client.captioning import (
     resolve_batch_size,
     resolve_num_workers,
 )
+from oscar_common.models import load_captioner_model, load_captioner_processor
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +71,14 @@ def bench_client(*, tiny: bool, device: torch.device, images: int, budget_second
     bare generate at batch 64 took 5.1 to 7.8 s for the same 1,024 images).
     """
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    captioner = Captioner(*_tiny_blip(device, dtype) if tiny else _blip_base(device, dtype))
+    captioner = Captioner(*_tiny_blip(device, dtype) if tiny else random_blip_base(device, dtype))
     batch = resolve_batch_size(batch_size, captioner, max_new_tokens=MAX_NEW_TOKENS)
     workers = resolve_num_workers(num_workers, device)
     settings = caption_settings("blip-base-random" if not tiny else "tiny-blip", revision="bench", dtype=dtype,
                                 max_new_tokens=MAX_NEW_TOKENS)
 
     with tempfile.TemporaryDirectory(prefix="oscar-bench-client-") as tmp:
-        paths = _write_images(Path(tmp) / "images", max(images, batch))
+        paths = write_photo_jpegs(Path(tmp) / "images", max(images, batch))
 
         # Warm-up (kernels, allocator), which also sizes the run to the budget: a whole batch on a GPU
         # (its kernels depend on the batch shape), two images on a CPU (where one image takes seconds).
@@ -85,23 +92,30 @@ def bench_client(*, tiny: bool, device: torch.device, images: int, budget_second
         # (b)'s input: batches processed and on the device before the clock starts
         batches = [_processed(paths[i : i + batch], captioner).to(device, dtype) for i in range(0, count, batch)]
 
-        bare, pipeline, first = [], [], None
+        # The model is already in memory, so the pipeline's start-up is the first batch's decoding alone
+        # (a client's overlaps its model load: oscar_client.captioning.caption_files).
+        loaded = dict(load_processor=lambda: captioner.processor, load_model=lambda: captioner.model)
+        bare, pipeline, runs = [], [], []
         for repeat in range(repeats):
             bare.append(_bare_seconds(batches, captioner))  # (b) bare generate
             with CaptionCache.open(Path(tmp) / f"out-{repeat}") as cache:  # (a) a first run: empty cache
                 started = time.perf_counter()
-                first = caption_files(paths, settings=settings, load=lambda: captioner, cache=cache,
-                                      batch_size=batch, num_workers=workers, max_new_tokens=MAX_NEW_TOKENS,
-                                      device=device)
+                runs.append(caption_files(paths, settings=settings, cache=cache, batch_size=batch,
+                                          num_workers=workers, max_new_tokens=MAX_NEW_TOKENS, device=device,
+                                          **loaded))
                 pipeline.append(time.perf_counter() - started)
         del batches
+        startup = _startup(paths[: 2 * batch], captioner, Path(tmp) / "checkpoint", settings=settings,
+                           batch_size=batch, num_workers=workers, device=device, bare_batch_s=per_image * batch)
         with CaptionCache.open(Path(tmp) / f"out-{repeats - 1}") as cache:  # (c) the second run
             started = time.perf_counter()
-            second = caption_files(paths, settings=settings, load=lambda: captioner, cache=cache, batch_size=batch,
-                                   num_workers=workers, max_new_tokens=MAX_NEW_TOKENS, device=device)
+            second = caption_files(paths, settings=settings, cache=cache, batch_size=batch, num_workers=workers,
+                                   max_new_tokens=MAX_NEW_TOKENS, device=device, **loaded)
             cache_seconds = time.perf_counter() - started
 
     pipeline_rate, bare_rate = count / statistics.median(pipeline), count / statistics.median(bare)
+    steady = [r.steady_img_per_s for r in runs]  # None where one batch was all there was
+    steady_rate = statistics.median(steady) if None not in steady else None
     return {
         "model": "tiny BLIP (random)" if tiny else "BLIP-base architecture (random weights)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -118,7 +132,12 @@ def bench_client(*, tiny: bool, device: torch.device, images: int, budget_second
         "pipeline_vs_bare": round(pipeline_rate / bare_rate, 4),
         "pipeline_s": [round(t, 3) for t in pipeline],
         "bare_generate_s": [round(t, 3) for t in bare],
-        "captioned_first_run": first.captioned,
+        # start-up and steady state apart: how far the pipeline falls behind over a long run, and why
+        "pipeline_first_batch_s": [round(r.first_batch_seconds, 3) for r in runs],
+        "pipeline_steady_img_per_s": round(steady_rate, 3) if steady_rate is not None else None,
+        "pipeline_steady_vs_bare": round(steady_rate / bare_rate, 4) if steady_rate is not None else None,
+        **startup,
+        "captioned_first_run": runs[-1].captioned,
         "cache_second_run_s": round(cache_seconds, 3),
         "captioned_second_run": second.captioned,
     }
@@ -135,6 +154,34 @@ def _bare_seconds(batches: list[torch.Tensor], captioner: Captioner) -> float:
     return timed(generate_all, captioner.device)[1]
 
 
+def _startup(paths: list[Path], captioner: Captioner, folder: Path, *, settings: dict[str, Any], batch_size: int,
+             num_workers: int, device: torch.device, bare_batch_s: float) -> dict[str, float]:
+    """A client's start: ``caption_files`` loading the captioner from a checkpoint on disk (saved from the
+    benched model) with the project's loaders, over two batches. How long the model took to load, when the
+    first batch was captioned after it, and so how long the device waited for decoded images once the model
+    was in (that time less one batch of bare ``generate``)."""
+    captioner.model.save_pretrained(folder)
+    captioner.processor.save_pretrained(folder)
+    load = {}
+
+    def load_model() -> torch.nn.Module:
+        load["start"] = time.perf_counter()
+        model = load_captioner_model(str(folder), device, captioner.model.dtype)
+        load["end"] = time.perf_counter()
+        return model
+
+    called = time.perf_counter()  # without a cache, caption_files' own clock starts here too
+    run = caption_files(paths, settings=settings, cache=None, batch_size=batch_size, num_workers=num_workers,
+                        max_new_tokens=MAX_NEW_TOKENS, device=device,
+                        load_processor=lambda: load_captioner_processor(str(folder)), load_model=load_model)
+    after_load = called + run.first_batch_seconds - load["end"]
+    return {
+        "startup_model_load_s": round(load["end"] - load["start"], 3),
+        "startup_first_batch_after_load_s": round(after_load, 3),
+        "startup_wait_for_images_s": round(max(0.0, after_load - bare_batch_s), 3),
+    }
+
+
 # ---------------------------------------------------------------------- models
 def blip_base_config() -> BlipConfig:
     """Salesforce/blip-image-captioning-base's published architecture (config.json)."""
@@ -149,7 +196,7 @@ def blip_base_config() -> BlipConfig:
     )
 
 
-def _blip_base(device: torch.device, dtype: torch.dtype) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
+def random_blip_base(device: torch.device, dtype: torch.dtype) -> tuple[BlipProcessor, BlipForConditionalGeneration]:
     config = blip_base_config()
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs: 250M parameters
@@ -174,7 +221,7 @@ def _tiny_blip(device: torch.device, dtype: torch.dtype) -> tuple[BlipProcessor,
 
 
 # ---------------------------------------------------------------------- data
-def _write_images(folder: Path, count: int) -> list[Path]:
+def write_photo_jpegs(folder: Path, count: int) -> list[Path]:
     """``count`` JPEGs, written by a thread per CPU (PIL releases the GIL): at the full scale's 2,048 images
     a single thread would spend some 30 s here before anything is timed."""
     folder.mkdir(parents=True)

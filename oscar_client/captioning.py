@@ -180,19 +180,28 @@ class CaptionedBatch:
     unreadable: list[tuple[int, str]]  # (position, reason)
 
 
-def caption_batches(paths: Sequence[str | os.PathLike[str]], captioner: Captioner, *, batch_size: int,
-                    num_workers: int, max_new_tokens: int) -> Iterator[CaptionedBatch]:
-    """Caption ``paths`` in order, one batch at a time (``batch_size`` and ``num_workers`` already resolved).
+def decoded_chunks(paths: Sequence[str | os.PathLike[str]], image_processor: Any, *, batch_size: int,
+                   num_workers: int) -> Iterator[InputBatch]:
+    """Start decoding ``paths`` now: chunks of at most :data:`LOADER_CHUNK` resized images, in input order.
 
-    The workers decode chunks of at most :data:`LOADER_CHUNK` images and the batch is assembled from them
-    here. A DataLoader hands each worker whole items, so with the batch as the item the first ``generate``
+    The workers start at once and keep about two batches of ``batch_size`` decoded ahead: while the GPU
+    captions one batch they must be able to finish the next (with only two chunks each, they stopped after
+    64 images). A client calls this before its captioner's weights load, so the first batch is decoded
+    while they do.
+    """
+    loader = input_loader(paths, image_processor, chunk_size=min(batch_size, LOADER_CHUNK), num_workers=num_workers,
+                          ahead=2 * batch_size)
+    return iter(loader)  # the iterator forks the workers, which fill their queues right away
+
+
+def caption_batches(chunks: Iterator[InputBatch], captioner: Captioner, *, batch_size: int,
+                    max_new_tokens: int) -> Iterator[CaptionedBatch]:
+    """Caption decoded ``chunks`` (:func:`decoded_chunks`) in order, ``batch_size`` images per ``generate``.
+
+    A DataLoader hands each worker whole items, so with the batch as the item the first ``generate``
     waited for one worker to decode a whole batch alone (128 images x ~5 ms: over half a second of an idle
     GPU at every start); with chunks, all the workers fill the first batch together.
     """
-    # Two batches decoded ahead, as when the batch was the item: while the GPU captions one batch the
-    # workers must be able to finish the next (with only two chunks each, they stopped after 64 images).
-    loader = input_loader(paths, captioner.image_processor, chunk_size=min(batch_size, LOADER_CHUNK),
-                          num_workers=num_workers, ahead=2 * batch_size)
     indices: list[int] = []  # of the images in `pending`, in order
     pending: list[torch.Tensor] = []  # decoded chunks, already on the model's device
     unreadable: list[tuple[int, str]] = []
@@ -209,7 +218,7 @@ def caption_batches(paths: Sequence[str | os.PathLike[str]], captioner: Captione
         unreadable.clear()
         return done
 
-    for part in loader:
+    for part in chunks:
         unreadable += part.unreadable
         if part.pixel_values is not None:
             indices += part.indices
@@ -228,13 +237,26 @@ class CaptionRun:
     cached: int  # taken from the cache
     batch_size: int | None = None  # as resolved, when anything was generated
     num_workers: int | None = None
+    seconds: float | None = None  # captioning, from loading the captioner to the last caption
+    first_batch_seconds: float | None = None  # from the same start to the first captioned batch
+    first_batch_images: int = 0
+
+    @property
+    def steady_img_per_s(self) -> float | None:
+        """Images per second after the first batch: the rate once start-up (model load, the first batch's
+        decoding) is behind, which a long run approaches."""
+        if (self.seconds is None or self.first_batch_seconds is None or self.captioned <= self.first_batch_images
+                or self.seconds <= self.first_batch_seconds):
+            return None  # nothing after the first batch
+        return (self.captioned - self.first_batch_images) / (self.seconds - self.first_batch_seconds)
 
 
 def caption_files(
     paths: Sequence[str | os.PathLike[str]],
     *,
     settings: dict[str, Any],
-    load: Callable[[], Captioner],
+    load_processor: Callable[[], Any],
+    load_model: Callable[[], torch.nn.Module],
     cache: CaptionCache | None,
     batch_size: int,
     num_workers: int,
@@ -243,9 +265,11 @@ def caption_files(
 ) -> CaptionRun:
     """Caption every image file, reusing ``cache`` (keyed by ``settings``, see :func:`caption_settings`).
 
-    ``load`` is called only when something is left to caption (a second run does not even load the
-    model), and the captioner is dropped before returning. Unreadable images are skipped and named in
-    the log, and remembered by the cache so that a later run skips them without loading the captioner.
+    The captioner is loaded only when something is left to caption (a second run does not even load the
+    model), in two steps: its processor, which the decoding workers need and which they start with, then
+    its weights, which load while the workers decode the first batches. The captioner is dropped before
+    returning. Unreadable images are skipped and named in the log, and remembered by the cache so that a
+    later run skips them without loading the captioner.
     """
     # 1. What the cache knows: captions, and images that could not be decoded
     captions: list[str | None] = [None] * len(paths)
@@ -271,30 +295,41 @@ def caption_files(
     # 2. Caption the rest, streamed, storing each batch as it comes
     run = CaptionRun(captions, unreadable, captioned=0, cached=cached)
     if todo:
-        captioner = load()
-        run.batch_size = resolve_batch_size(batch_size, captioner, max_new_tokens=max_new_tokens)
-        run.num_workers = resolve_num_workers(num_workers, device)
-        log.info("captioning %d images (batch %d, %d decoding workers; %d from the cache)", len(todo),
-                 run.batch_size, run.num_workers, cached)
         started = time.perf_counter()
-        with progress(total=len(todo), desc="captioning", unit="img", logger=log) as bar:
-            for out in caption_batches([paths[i] for i in todo], captioner, batch_size=run.batch_size,
-                                       num_workers=run.num_workers, max_new_tokens=max_new_tokens):
-                done = [todo[j] for j in out.indices]
-                for i, text in zip(done, out.captions):
-                    captions[i] = text
-                failed = {todo[j]: reason for j, reason in out.unreadable}
-                unreadable.update(failed)
-                if cache is not None:
-                    cache.store(settings, [(digests[i], captions[i]) for i in done if digests[i] is not None])
-                    cache.store_unreadable([(digests[i], r) for i, r in failed.items() if digests[i] is not None])
-                run.captioned += len(done)
-                bar.update(len(out.indices) + len(out.unreadable))
-        seconds = time.perf_counter() - started
-        del captioner
+        processor = load_processor()
+        run.num_workers = resolve_num_workers(num_workers, device)
+        chunks = decoded_chunks([paths[i] for i in todo], processor.image_processor,
+                                batch_size=planned_batch_size(batch_size, device),
+                                num_workers=run.num_workers)
+        try:
+            captioner = Captioner(processor, load_model())  # the workers decode meanwhile
+            run.batch_size = resolve_batch_size(batch_size, captioner, max_new_tokens=max_new_tokens)
+            log.info("captioning %d images (batch %d, %d decoding workers; %d from the cache)", len(todo),
+                     run.batch_size, run.num_workers, cached)
+            with progress(total=len(todo), desc="captioning", unit="img", logger=log) as bar:
+                for out in caption_batches(chunks, captioner, batch_size=run.batch_size,
+                                           max_new_tokens=max_new_tokens):
+                    done = [todo[j] for j in out.indices]
+                    for i, text in zip(done, out.captions):
+                        captions[i] = text
+                    failed = {todo[j]: reason for j, reason in out.unreadable}
+                    unreadable.update(failed)
+                    if cache is not None:
+                        cache.store(settings, [(digests[i], captions[i]) for i in done if digests[i] is not None])
+                        cache.store_unreadable([(digests[i], r) for i, r in failed.items() if digests[i] is not None])
+                    if run.first_batch_seconds is None and done:
+                        run.first_batch_seconds, run.first_batch_images = time.perf_counter() - started, len(done)
+                    run.captioned += len(done)
+                    bar.update(len(out.indices) + len(out.unreadable))
+            run.seconds = time.perf_counter() - started
+            del captioner
+        finally:
+            del chunks  # stops the workers now (after an error: not only when the traceback is collected)
         free_device_memory(device)
-        log.info("captioned %d images in %.1f s (%.2f img/s)", run.captioned, seconds,
-                 run.captioned / max(seconds, 1e-9))
+        steady = run.steady_img_per_s
+        log.info("captioned %d images in %.1f s (%.2f img/s; first batch after %.1f s, model load included%s)",
+                 run.captioned, run.seconds, run.captioned / max(run.seconds, 1e-9), run.first_batch_seconds or 0.0,
+                 f"; {steady:.2f} img/s after it" if steady is not None else "")
 
     # 3. Say what happened
     log.info("captioned %d, reused %d from the cache%s", run.captioned, cached,
@@ -310,10 +345,18 @@ def caption_files(
 
 
 # ---------------------------------------------------------------------- sizes
+def planned_batch_size(batch_size: int, device: torch.device) -> int:
+    """The batch size as known before the model is loaded: as given, or the most that 0 (automatic) can
+    resolve to on ``device``."""
+    _check_batch_size(batch_size)
+    if batch_size > 0:
+        return batch_size
+    return MAX_AUTO_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
 def resolve_batch_size(batch_size: int, captioner: Captioner, *, max_new_tokens: int) -> int:
     """``batch_size`` > 0 as given; 0: :data:`CPU_BATCH_SIZE` on a CPU, on CUDA what free memory allows."""
-    if batch_size < 0:
-        raise ValueError(f"caption batch size must be > 0, or 0 for automatic, got {batch_size}")
+    _check_batch_size(batch_size)
     if batch_size > 0:
         return batch_size
     device = captioner.device
@@ -326,6 +369,11 @@ def resolve_batch_size(batch_size: int, captioner: Captioner, *, max_new_tokens:
     log.info("caption batch size %d (%.1f GiB free on %s, about %.0f MiB per image)", chosen, free / 2**30,
              device, per_image / 2**20)
     return chosen
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 0:
+        raise ValueError(f"caption batch size must be > 0, or 0 for automatic, got {batch_size}")
 
 
 def generation_bytes_per_image(config: Any, dtype: torch.dtype, *, max_new_tokens: int) -> int:

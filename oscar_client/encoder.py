@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from oscar_client.caption_cache import CaptionCache
-from oscar_client.captioning import AUTO, Captioner, caption_files, caption_settings
+from oscar_client.captioning import AUTO, caption_files, caption_settings
 from oscar_client.class_accumulator import ClassAccumulator, class_means
 from oscar_common.choices import SCHEMES
 from oscar_common.data import Sample
@@ -33,7 +33,8 @@ from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
 from oscar_common.models import (
     checkpoint_revision,
-    load_captioner,
+    load_captioner_model,
+    load_captioner_processor,
     load_clip_text_encoder,
     load_diffusion_text_encoder,
     text_embedding_dim,
@@ -131,7 +132,8 @@ def encode_client(
                                 max_new_tokens=max_new_tokens)
     run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
                         num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
-                        load=lambda: Captioner(*load_captioner(captioner_id, device, dtype, cache_dir=cache_dir)))
+                        load_processor=lambda: load_captioner_processor(captioner_id, cache_dir),
+                        load_model=lambda: load_captioner_model(captioner_id, device, dtype, cache_dir))
     captions = run.captions
     readable = [i for i, c in enumerate(captions) if c is not None]
     if not readable:

@@ -121,18 +121,35 @@ def load_captioner(
     model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
 ) -> tuple[BlipProcessor | Blip2Processor, BlipForConditionalGeneration | Blip2ForConditionalGeneration]:
     """An image captioner and its processor, BLIP or BLIP-2 as the checkpoint's config says."""
-    kwargs = _hub_kwargs(cache_dir)
+    return load_captioner_processor(model_id, cache_dir), load_captioner_model(model_id, device, dtype, cache_dir)
+
+
+def load_captioner_processor(model_id: str, cache_dir: CacheDir = None) -> BlipProcessor | Blip2Processor:
+    """The captioner's processor alone (small files, no weights): a client's image decoding starts with it
+    while the model loads (``oscar_client.captioning.caption_files``)."""
     with _translate_missing(model_id, cache_dir):
-        model_type = AutoConfig.from_pretrained(model_id, **kwargs).model_type
-        if model_type not in CAPTIONERS:
-            raise ValueError(f"captioner {model_id!r} is a {model_type!r} checkpoint; supported captioners are "
-                             f"{', '.join(repr(t) for t in CAPTIONERS)} checkpoints (e.g. "
-                             "Salesforce/blip-image-captioning-base, Salesforce/blip2-flan-t5-xl)")
-        processor_class, model_class = CAPTIONERS[model_type]
-        processor = processor_class.from_pretrained(model_id, **kwargs)
-        model = model_class.from_pretrained(model_id, dtype=dtype, **kwargs)
+        processor_class, _ = CAPTIONERS[_captioner_type(model_id, cache_dir)]
+        return processor_class.from_pretrained(model_id, **_hub_kwargs(cache_dir))
+
+
+def load_captioner_model(
+    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+) -> BlipForConditionalGeneration | Blip2ForConditionalGeneration:
+    """The captioner's frozen model on ``device``."""
+    with _translate_missing(model_id, cache_dir):
+        model_type = _captioner_type(model_id, cache_dir)
+        model = CAPTIONERS[model_type][1].from_pretrained(model_id, dtype=dtype, **_hub_kwargs(cache_dir))
     log.info("loaded captioner %s (%s) on %s (%s)", model_id, model_type, device, dtype)
-    return processor, _frozen(model, device)
+    return _frozen(model, device)
+
+
+def _captioner_type(model_id: str, cache_dir: CacheDir) -> str:
+    model_type = AutoConfig.from_pretrained(model_id, **_hub_kwargs(cache_dir)).model_type
+    if model_type not in CAPTIONERS:
+        raise ValueError(f"captioner {model_id!r} is a {model_type!r} checkpoint; supported captioners are "
+                         f"{', '.join(repr(t) for t in CAPTIONERS)} checkpoints (e.g. "
+                         "Salesforce/blip-image-captioning-base, Salesforce/blip2-flan-t5-xl)")
+    return model_type
 
 
 def checkpoint_revision(model_id: str, cache_dir: CacheDir = None) -> str:

@@ -21,6 +21,14 @@ def test_bench_client_on_the_tiny_model() -> None:
     ratio = result["pipeline_img_per_s"] / result["bare_generate_img_per_s"]
     assert result["pipeline_vs_bare"] == pytest.approx(ratio, rel=1e-2)
     assert len(result["pipeline_s"]) == len(result["bare_generate_s"]) == 2  # alternated, medians reported
+    # start-up and steady state apart: the first batch comes within each pass, the rest at the steady rate
+    assert all(0 < first < whole for first, whole in zip(result["pipeline_first_batch_s"], result["pipeline_s"]))
+    assert result["pipeline_steady_img_per_s"] > 0
+    steady_ratio = result["pipeline_steady_img_per_s"] / result["bare_generate_img_per_s"]
+    assert result["pipeline_steady_vs_bare"] == pytest.approx(steady_ratio, rel=1e-2)
+    # a client's start: the model loaded from disk, the first batch captioned after it
+    assert result["startup_model_load_s"] > 0 and result["startup_first_batch_after_load_s"] > 0
+    assert 0 <= result["startup_wait_for_images_s"] <= result["startup_first_batch_after_load_s"]
     # no time at all: still one whole batch, timed once
     hurried = bench_client(tiny=True, device=torch.device("cpu"), images=10, budget_seconds=0, batch_size=4,
                            repeats=1)

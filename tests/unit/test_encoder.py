@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import time
 import weakref
 from pathlib import Path
 
@@ -234,6 +235,43 @@ def test_captioning_holds_a_few_batches_whatever_the_image_count(
     assert max(alive_at_generate) == 1  # the batch before is freed before the next one is captioned
 
 
+def test_images_are_decoded_while_the_captioner_loads(tiny_hub: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoding workers start before the weights load: a GPU client's first batch is ready when its
+    model is (on an H200 the first batch had kept the GPU idle for 0.5-0.75 s after the load)."""
+    samples = _digit_folder(tmp_path, {d: 2 for d in range(4)})
+    decoded = multiprocessing.Value("i", 0)
+
+    class CountingInputs(CaptionInputs):
+        def __getitem__(self, index: int):
+            with decoded.get_lock():
+                decoded.value += 1
+            return super().__getitem__(index)
+
+    seen_during_load: list[int] = []
+    load = encoder_module.load_captioner_model
+
+    def slow_load(*args, **kwargs):  # a model that takes a while: wait (up to 30 s) for the first decoded image
+        deadline = time.monotonic() + 30
+        while decoded.value == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_during_load.append(decoded.value)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(captioning, "CaptionInputs", CountingInputs)
+    monkeypatch.setattr(encoder_module, "load_captioner_model", slow_load)
+    encoded = _encode(samples, batch_size=4, num_workers=1, cache_dir=tiny_hub)
+    assert seen_during_load[0] > 0 and encoded.captioned == 8
+
+
+def test_the_steady_rate_leaves_out_the_start() -> None:
+    run = captioning.CaptionRun([], {}, captioned=40, cached=0, seconds=5.0, first_batch_seconds=3.0,
+                                first_batch_images=8)
+    assert run.steady_img_per_s == pytest.approx(32 / 2.0)  # the 32 images after the first batch, in 2 s
+    run.captioned = 8  # one batch was all there was: no rate after it
+    assert run.steady_img_per_s is None
+
+
 def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      caplog: pytest.LogCaptureFixture) -> None:
     samples = _digit_folder(tmp_path / "data", {2: 4, 5: 3})
@@ -241,7 +279,7 @@ def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch
     samples = scan_image_folder(tmp_path / "data").samples
     out = tmp_path / "out"
     calls = {"generate": 0, "load": 0}
-    generate, load = Captioner.generate, encoder_module.load_captioner
+    generate, load = Captioner.generate, encoder_module.load_captioner_model
 
     def counting_generate(self, pixel_values, *, max_new_tokens):
         calls["generate"] += 1
@@ -252,7 +290,7 @@ def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch
         return load(*args, **kwargs)
 
     monkeypatch.setattr(Captioner, "generate", counting_generate)
-    monkeypatch.setattr(encoder_module, "load_captioner", counting_load)
+    monkeypatch.setattr(encoder_module, "load_captioner_model", counting_load)
     with CaptionCache.open(out) as cache:
         first = _encode(samples, cache=cache, cache_dir=tiny_hub)
     assert first.captioned == 7 and first.cached == 0 and calls == {"generate": 2, "load": 1}
@@ -341,7 +379,8 @@ def test_batches_assembled_from_decoded_chunks_keep_size_and_order(tmp_path: Pat
 
     monkeypatch.setattr(captioning, "LOADER_CHUNK", chunk)
     recorder = Recorder()
-    batches = list(captioning.caption_batches(paths, recorder, batch_size=5, num_workers=0, max_new_tokens=1))
+    chunks = captioning.decoded_chunks(paths, recorder.image_processor, batch_size=5, num_workers=0)
+    batches = list(captioning.caption_batches(chunks, recorder, batch_size=5, max_new_tokens=1))
     assert recorder.sizes == [5, 5, 2]  # 12 readable images
     assert [i for b in batches for i in b.indices] == [i for i in range(len(paths)) if i != 4]
     assert [i for b in batches for i, _ in b.unreadable] == [4]
