@@ -45,9 +45,7 @@ def prepare(work: Path, images: int) -> tuple[Path, list[Path]]:
         processor.save_pretrained(checkpoint)
     paths = sorted(folder.glob("*.jpg"))
     if len(paths) < images:
-        for path in paths:
-            path.unlink()
-        folder.rmdir() if folder.exists() else None
+        shutil.rmtree(folder, ignore_errors=True)
         paths = write_photo_jpegs(folder, images)
     return checkpoint, paths[:images]
 

@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
-from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -238,26 +237,6 @@ UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
-
-
-def load_rgb_images(
-    samples: Sequence[Sample],
-) -> tuple[list[Image.Image], list[int], list[Sample]]:
-    """Decode images as RGB; return (images, indices of the kept samples, unreadable samples)."""
-    images: list[Image.Image] = []
-    kept: list[int] = []
-    bad: list[Sample] = []
-    for index, sample in enumerate(progress(samples, desc="load images", unit="img", leave=False, logger=logger)):
-        try:
-            images.append(open_rgb(sample.path))
-        except UNREADABLE as exc:
-            logger.warning("skipping unreadable image %s: %s", sample.path, exc)
-            bad.append(sample)
-            continue
-        kept.append(index)
-    if bad:
-        logger.warning("skipped %d unreadable image(s) of %d", len(bad), len(samples))
-    return images, kept, bad
 
 
 class ImageListDataset(Dataset):

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from oscar_common.data import (
+    UNREADABLE,
     DataDirError,
     ImageListDataset,
-    Sample,
     load_client_split,
-    load_rgb_images,
+    open_rgb,
     read_split_file,
     scan_image_folder,
     stratified_split,
@@ -151,21 +151,18 @@ def test_split_file_errors_name_the_problem(client_dir, tmp_path):
         read_split_file(tmp_path / "none.txt", client_dir)
 
 
-def test_unreadable_image_is_skipped_and_counted(client_dir, caplog):
+def test_unreadable_images_fail_with_the_exceptions_every_reader_skips(client_dir):
+    """A file that is no image and a truncated PNG both raise one of UNREADABLE, in open_rgb's full decode
+    (not later, in the middle of a batch); a good image decodes as RGB."""
     (client_dir / "cat" / "x.png").write_bytes(b"this is not a png")
-    good = client_dir / "cat" / "img000.png"
     truncated = client_dir / "cat" / "cut.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
-    samples = scan_image_folder(client_dir, ["cat"]).samples
-    with caplog.at_level(logging.WARNING, logger="oscar_common.data"):
-        images, kept, bad = load_rgb_images(samples)
-    assert sorted(s.path.name for s in bad) == ["cut.png", "x.png"]
-    assert len(images) == len(kept) == 10 and all(im.mode == "RGB" for im in images)
-    readable = [s.path for s in samples if s.path.name not in ("x.png", "cut.png")]
-    assert [samples[i].path for i in kept] == readable
-    assert "x.png" in caplog.text and "skipped 2 unreadable" in caplog.text
-    assert np.asarray(images[kept.index(samples.index(Sample(good, "cat")))]).shape == (8, 8, 3)
+    for broken in ("x.png", "cut.png"):
+        with pytest.raises(UNREADABLE):
+            open_rgb(client_dir / "cat" / broken)
+    image = open_rgb(client_dir / "cat" / "img000.png")
+    assert image.mode == "RGB" and np.asarray(image).shape == (8, 8, 3)
 
 
 def test_image_list_dataset_labels_and_transforms(client_dir):
