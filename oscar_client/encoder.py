@@ -70,6 +70,9 @@ class EncodedClient:
     cached: int  # captions taken from the caption cache
     caption_settings: dict[str, Any] = field(default_factory=dict)  # what keyed the cache (captioner, revision, ...)
     embeddings: np.ndarray | None = None  # float32 [N, ...] raw embeddings, with keep_embeddings
+    # tokens: the empty prompt's float32 [77, H] states from the same encoder. Public (anyone can compute
+    # it), so differential privacy clips each caption's departure from it (oscar_client.privacy).
+    empty_prompt: np.ndarray | None = None
 
     @property
     def means(self) -> np.ndarray:
@@ -153,6 +156,7 @@ def encode_client(
         chunk = readable[start : start + TEXT_BATCH_SIZE]
         embeddings = encode([captions[i] for i in chunk], tokenizer, text_model, batch_size=TEXT_BATCH_SIZE)
         sums.add(embeddings.numpy(), labels[chunk])
+    empty_prompt = encode([""], tokenizer, text_model, batch_size=1)[0].numpy() if scheme == "tokens" else None
     del tokenizer, text_model
     free_device_memory(device)
 
@@ -171,6 +175,7 @@ def encode_client(
         cached=run.cached,
         caption_settings=settings,
         embeddings=sums.embeddings()[0] if keep_embeddings else None,
+        empty_prompt=empty_prompt,
     )
 
 

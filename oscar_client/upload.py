@@ -26,9 +26,7 @@ from oscar_client.privacy import keyed_generator, privatize_class_means
 from oscar_client.prototypes import class_prototypes
 from oscar_common.devices import resolve_device, resolve_dtype
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.models import load_diffusion_text_encoder
 from oscar_common.node_settings import NodeSettings
-from oscar_common.text_encoding import encode_tokens
 from oscar_common.wire import DpRecord, SharedCounts, TrainInstruction, Upload
 
 log = logging.getLogger("oscar.client")
@@ -119,7 +117,9 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
                 encoded.counts[rows].astype(np.int64), None)
     per_class = {c: encoded.embeddings[encoded.labels == c] for c in kept}
     if epsilon > 0:
-        center = _public_center(instruction, node)
+        # pooled: no centre (CLIP embeddings are unit vectors); tokens: the empty prompt's states, so that
+        # clipping acts on a caption's departure from them rather than shrinking everything
+        center = encoded.empty_prompt
         key = _noise_key(node.output_dir)
         parameters = {"epsilon": epsilon, "delta": policy.dp_delta, "clip_norm": policy.dp_clip_norm,
                       "min_images": min_images, "scheme": instruction.scheme, "encoder": instruction.encoder_id}
@@ -138,16 +138,6 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
         counts += sizes.tolist()
     return (np.asarray(ids, dtype=np.int64), np.concatenate(means).astype(np.float32),
             np.asarray(counts, dtype=np.int64), None)
-
-
-def _public_center(instruction: TrainInstruction, node: NodeSettings) -> np.ndarray | None:
-    """pooled: none (CLIP embeddings are unit vectors). tokens: the empty prompt's states, which every party
-    can compute, so clipping acts on the caption's departure from them rather than shrinking everything."""
-    if instruction.scheme == "pooled":
-        return None
-    device = resolve_device(node.device)
-    tokenizer, text_encoder = load_diffusion_text_encoder(instruction.encoder_id, device, resolve_dtype("auto", device))
-    return encode_tokens([""], tokenizer, text_encoder)[0].numpy()
 
 
 def _noise_key(output_dir: Path) -> bytes:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from oscar_client.policy import ClientPolicy
 from oscar_client.preview import PreviewRequired, check_preview_approval
-from oscar_client.privacy import gaussian_sigma
+from oscar_client.privacy import clipped_mean, gaussian_sigma
 from oscar_client.upload import prepare_upload
 from oscar_common.config import OscarConfig
 from oscar_common.node_settings import NodeSettings
+from oscar_common.text_encoding import encode_tokens
 from oscar_common.wire import UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY
 from oscar_demo.demo_data import DIGIT_NAMES
 
@@ -62,6 +64,34 @@ def test_dp_means_are_noisy_with_the_stated_sigma_and_a_repeat_costs_nothing(nod
     noise = first.upload.means - plain.means
     assert np.std(noise) == pytest.approx(dp.sigma, rel=0.1)
     assert again.local_summary["captioned"] == 0 and again.local_summary["captions_from_cache"] == 50
+
+
+def test_dp_tokens_clip_around_the_empty_prompt_with_one_text_encoder_load(node: NodeSettings,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from oscar_client import encoder as encoder_module
+
+    loads = []
+    load = encoder_module.load_diffusion_text_encoder
+    monkeypatch.setattr(encoder_module, "load_diffusion_text_encoder",
+                        lambda *args, **kwargs: loads.append(args[0]) or load(*args, **kwargs))
+    instruction = _instruction(scheme="tokens")
+    plain = prepare_upload(node, instruction, ClientPolicy())
+    released = prepare_upload(node, instruction, ClientPolicy(dp_epsilon=4.0, dp_clip_norm=2.0))
+    assert loads == [instruction.encoder_id] * 2  # one load per upload: captions, then the empty prompt
+
+    # the centre is the empty prompt's states, computed by the same encoder
+    tokenizer, text_encoder = load(instruction.encoder_id, torch.device("cpu"), torch.float32)
+    empty = encode_tokens([""], tokenizer, text_encoder)[0].numpy()
+    np.testing.assert_array_equal(released.encoded.empty_prompt, empty)
+    assert plain.encoded.empty_prompt.shape == plain.upload.means.shape[1:]
+
+    # the release: the clipped means around it, plus noise of the stated sigma
+    dp = released.upload.dp
+    by_class = [released.encoded.embeddings[released.encoded.labels == c] for c in released.upload.class_ids]
+    clipped = np.stack([clipped_mean(x, clip_norm=2.0, center=empty) for x in by_class])
+    noise = released.upload.means - clipped
+    assert dp.sigma == pytest.approx(gaussian_sigma(4.0, 1e-5, 2 * 2.0 / 2))
+    assert np.std(noise) == pytest.approx(dp.sigma, rel=0.1) and abs(np.mean(noise)) < 0.05 * dp.sigma
 
 
 def test_prototypes_give_up_to_k_rows_per_class(node: NodeSettings) -> None:
