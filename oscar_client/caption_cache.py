@@ -129,9 +129,8 @@ class CaptionCache:
                 with self._db:
                     self._db.executemany("DELETE FROM captions WHERE settings_key = ? AND image_sha256 = ?",
                                          [(key, d) for d in bad])
-        except sqlite3.DatabaseError as exc:  # damage that quick_check did not see on open
-            self._db.close()
-            self._db = _rebuild(self.path, exc)
+        except sqlite3.DatabaseError as exc:
+            self._start_over(exc)
             return [None] * len(digests)
         return [found.get(d) if d is not None else None for d in digests]
 
@@ -148,8 +147,7 @@ class CaptionCache:
                 found.update((digest, reason) for digest, reason, checksum in rows
                              if isinstance(reason, str) and checksum == _checksum("unreadable", digest, reason))
         except sqlite3.DatabaseError as exc:
-            self._db.close()
-            self._db = _rebuild(self.path, exc)
+            self._start_over(exc)
             return [None] * len(digests)
         return [found.get(d) if d is not None else None for d in digests]
 
@@ -163,8 +161,7 @@ class CaptionCache:
             with self._db:
                 self._db.executemany(sql, rows)
         except sqlite3.DatabaseError as exc:
-            self._db.close()
-            self._db = _rebuild(self.path, exc)
+            self._start_over(exc)
             with self._db:
                 self._db.executemany(sql, rows)
 
@@ -177,9 +174,14 @@ class CaptionCache:
         try:
             self._write(key, settings, rows)
         except sqlite3.DatabaseError as exc:
-            self._db.close()
-            self._db = _rebuild(self.path, exc)
+            self._start_over(exc)
             self._write(key, settings, rows)
+
+    def _start_over(self, damage: sqlite3.DatabaseError) -> None:
+        """Damage that ``quick_check`` did not see on open, met mid-run: the file is set aside and an empty
+        cache takes its place (what it held is captioned again)."""
+        self._db.close()
+        self._db = _rebuild(self.path, damage)
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM captions").fetchone()[0])

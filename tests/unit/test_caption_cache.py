@@ -95,6 +95,48 @@ def test_a_corrupt_cache_is_set_aside_and_rebuilt(tmp_path: Path, damage, caplog
         assert cache.lookup(SETTINGS, DIGESTS[:2]) == ["a fresh caption", None]
 
 
+class _DamagedConnection:
+    """A connection to a file damaged while open (what quick_check on open could not see): every statement
+    fails as SQLite fails on a malformed page."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def execute(self, *args, **kwargs):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    executemany = execute
+
+    def __enter__(self) -> "_DamagedConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.mark.parametrize("operation, answer, kept", [
+    # nothing from the damaged file is trusted: its captions are generated again, its images tried again
+    (lambda cache: cache.lookup(SETTINGS, DIGESTS[:2]), [None, None], (None, None)),
+    (lambda cache: cache.lookup_unreadable(DIGESTS[:2]), [None, None], (None, None)),
+    # a write that met the damage is not lost: it goes into the fresh cache
+    (lambda cache: cache.store(SETTINGS, [(DIGESTS[0], "a fresh caption")]), None, ("a fresh caption", None)),
+    (lambda cache: cache.store_unreadable([(DIGESTS[1], "OSError: truncated")]), None, (None, "OSError: truncated")),
+])
+def test_damage_met_mid_run_sets_the_file_aside_and_goes_on(tmp_path: Path, operation, answer, kept,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    _filled(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="oscar_client.caption_cache"), CaptionCache.open(tmp_path) as cache:
+        cache._db = _DamagedConnection(cache._db)
+        assert operation(cache) == answer
+        assert "is not usable" in caplog.text and (tmp_path / (FILE_NAME + ".corrupt")).exists()
+    with CaptionCache.open(tmp_path) as cache:
+        assert (cache.lookup(SETTINGS, [DIGESTS[0]])[0], cache.lookup_unreadable([DIGESTS[1]])[0]) == kept
+        assert cache.lookup(SETTINGS, [DIGESTS[5]]) == [None]  # the old records stay in the file set aside
+
+
 def test_a_record_that_fails_its_check_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _filled(tmp_path)
     with sqlite3.connect(tmp_path / FILE_NAME) as db:  # edited behind the cache's back
