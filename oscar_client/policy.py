@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from oscar_common.config_values import parse_bool, parse_number
 from oscar_common.wire import TrainInstruction
 
 
@@ -35,15 +36,21 @@ class ClientPolicy:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "ClientPolicy":
+        def flag(key: str, default: bool) -> bool:
+            return parse_bool(node_config.get(key, default), f"node config: {key}")
+
+        def number(key: str, kind: type, default: int | float) -> Any:
+            return parse_number(node_config.get(key, default), kind, f"node config: {key}")
+
         policy = cls(
-            min_images_per_class=int(node_config.get("min-images-per-class", 0)),
-            share_counts=_flag(node_config, "share-counts", True),
-            dp_epsilon=float(node_config.get("dp-epsilon", 0.0)),
-            dp_delta=float(node_config.get("dp-delta", 1e-5)),
-            dp_clip_norm=float(node_config.get("dp-clip-norm", 1.0)),
-            caption_cache=_flag(node_config, "caption-cache", True),
-            require_preview_approval=_flag(node_config, "require-preview-approval", False),
-            loader_workers=int(node_config.get("loader-workers", -1)),
+            min_images_per_class=number("min-images-per-class", int, 0),
+            share_counts=flag("share-counts", True),
+            dp_epsilon=number("dp-epsilon", float, 0.0),
+            dp_delta=number("dp-delta", float, 1e-5),
+            dp_clip_norm=number("dp-clip-norm", float, 1.0),
+            caption_cache=flag("caption-cache", True),
+            require_preview_approval=flag("require-preview-approval", False),
+            loader_workers=number("loader-workers", int, -1),
         )
         if policy.min_images_per_class < 0 or policy.dp_epsilon < 0 or policy.dp_clip_norm <= 0:
             raise ValueError("node config: min-images-per-class and dp-epsilon must be >= 0, dp-clip-norm > 0")
@@ -63,14 +70,3 @@ class ClientPolicy:
 
     def shares_counts(self, instruction: TrainInstruction) -> bool:
         return instruction.share_counts and self.share_counts
-
-
-def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = node_config.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"node config: {key} must be true or false, got {value!r}")

@@ -22,6 +22,7 @@ from oscar_common.choices import (
     TRAIN_RECIPES,
     TRANSPORT_DTYPES,
 )
+from oscar_common.config_values import parse_bool, parse_number
 
 if TYPE_CHECKING:
     from oscar_common.wire import TrainInstruction
@@ -243,20 +244,7 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return tuple(str(v) for v in value)
     if kind == "bool":
-        if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{_kebab(name)} must be true or false, got {value!r}")
-        return bool(value)
-    try:
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{_kebab(name)} must be a number ({kind}), got {value!r}") from None
+        return parse_bool(value, _kebab(name))
+    if kind in ("int", "float"):
+        return parse_number(value, int if kind == "int" else float, _kebab(name))
     return str(value)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from oscar_common.benchmarks import benchmark_client_name, benchmark_config, load_benchmark_partition
+from oscar_common.config_values import parse_number
 from oscar_common.data import Sample, load_client_split, scan_image_folder
 
 
@@ -59,7 +60,7 @@ class NodeSettings:
             )
         name = str(node_config.get("name") or data_dir.name)
         output_dir = Path(str(node_config.get("output-dir") or data_dir / ".oscar-output"))
-        test_fraction = float(node_config.get("test-fraction", 0.2))
+        test_fraction = parse_number(node_config.get("test-fraction", 0.2), float, "node config: test-fraction")
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction}")
         return cls(

@@ -37,3 +37,5 @@ def test_simulation_partitions_map_to_sorted_visible_folders(tmp_path: Path) -> 
 def test_bad_test_fraction(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test-fraction"):
         NodeSettings.from_context({"data-dir": str(tmp_path), "test-fraction": 1.5}, {})
+    with pytest.raises(ValueError, match="node config: test-fraction must be a number"):
+        NodeSettings.from_context({"data-dir": str(tmp_path), "test-fraction": "a fifth"}, {})

@@ -25,7 +25,17 @@ def test_the_client_can_raise_the_minimum_and_lower_epsilon_never_the_reverse() 
     ({"dp-delta": 2}, "dp-delta must be in"),
     ({"caption-cache": "sometimes"}, "caption-cache must be true or false"),
     ({"dp-epsilon": -1}, "must be >= 0"),
+    ({"min-images-per-class": "ten"}, "node config: min-images-per-class must be a number"),
+    ({"loader-workers": 1.5}, "node config: loader-workers must be a number"),
+    ({"dp-clip-norm": "wide"}, "node config: dp-clip-norm must be a number"),
 ])
 def test_bad_node_config_is_named(node_config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ClientPolicy.from_node_config(node_config)
+
+
+def test_node_config_flags_read_as_the_run_config_reads_them() -> None:
+    # --node-config values arrive as TOML: bools, or strings and numbers where a user typed them so
+    for value, expected in [(True, True), ("no", False), ("YES", True), (0, False), ("1", True)]:
+        assert ClientPolicy.from_node_config({"caption-cache": value}).caption_cache is expected
+        assert OscarConfig.from_run_config({"class-names": "a", "share-counts": value}).share_counts is expected
