@@ -40,7 +40,7 @@ sys.path.insert(0, str(PROJECT_DIR))  # run from anywhere: this checkout's code,
 from oscar_common.logs import setup_logging  # noqa: E402
 from oscar_demo.demo_data import DIGIT_NAMES, MNIST_PER_CLASS, make_digit_tree  # noqa: E402
 from oscar_demo.federation import ClientSpec, LocalFederation  # noqa: E402
-from oscar_demo.tiny import install_tiny_models  # noqa: E402
+from oscar_demo.tiny import install_tiny_models, offline_hub_env  # noqa: E402
 
 log = logging.getLogger("oscar.scale")
 
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     tree = make_digit_tree(workdir / f"digits-{args.per_class}", per_class=args.per_class, seed=0)
     cache = workdir / "hf-cache"
     install_tiny_models(cache)
-    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**offline_hub_env(cache),
            # one thread per process: the clients, the server and Ray share the cores
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OSCAR_PROGRESS": "log"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
-from oscar_demo.tiny import install_tiny_models
+from oscar_demo.tiny import install_tiny_models, offline_hub_env
 from oscar_common.logs import setup_logging
 from oscar_demo.federation import ClientSpec, LocalFederation
 from oscar_server.report import client_table
@@ -53,9 +53,7 @@ def prepare(workdir: Path, per_class: int = 40) -> tuple[dict[str, Path], dict[s
     clients = make_demo_data(workdir / "data", per_class=per_class, seed=0)
     cache = workdir / "hf-cache"
     install_tiny_models(cache)
-    env = {"HF_HUB_CACHE": str(cache.resolve()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return clients, env
+    return clients, offline_hub_env(cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,6 +331,12 @@ def install_tiny_models(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
     return _install(Path(cache_dir), TINY_MODELS, seed)
 
 
+def offline_hub_env(cache_dir: Path) -> dict[str, str]:
+    """Environment for processes that must load their models from ``cache_dir`` alone: never the network."""
+    return {"HF_HUB_CACHE": str(Path(cache_dir).resolve()), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def install_tiny_blip2(cache_dir: Path, seed: int = 0) -> Path:
     """Write the tiny BLIP-2 into a hub cache as ``Salesforce/blip2-flan-t5-xl`` (as install_tiny_models)."""
     return _install(Path(cache_dir), {BLIP2_ID: save_tiny_blip2}, seed)[BLIP2_ID]

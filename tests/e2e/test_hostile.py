@@ -14,6 +14,7 @@ import pytest
 
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import PROJECT_DIR, ClientSpec, LocalFederation
+from oscar_demo.tiny import offline_hub_env
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +49,7 @@ def test_every_broken_payload_is_rejected_and_the_others_proceed(tmp_path: Path,
     run_config = demo_run_config(tmp_path / "runs", "hostile", **{
         "images-per-class": 1, "num-inference-steps": 4, "inversion-steps": 10, "epochs": 1,
         "min-clients": 1, "min-images-per-class": 2})
-    env = {"HF_HUB_CACHE": str(tiny_hub), "HF_HUB_OFFLINE": "1"}
+    env = offline_hub_env(tiny_hub)
     with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
         federation.wait_for_supernodes()  # min-clients is 1: every node must be there when the round starts
         report = json.loads(federation.run(run_config, timeout=900, app_dir=hostile_app(tmp_path)).read_text())
