@@ -52,8 +52,6 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-
-
 class Budget:
     """A deadline for the whole run; sections size their optional work by what is left."""
 

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from oscar_client.caption_cache import CaptionCache, file_digests
-from oscar_common.data import UNREADABLE
+from oscar_common.data import UNREADABLE, open_rgb
 from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
 
@@ -139,8 +139,7 @@ class CaptionInputs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            with Image.open(self.paths[index]) as image:
-                rgb = image.convert("RGB")  # convert() forces the full decode: a truncated file fails here
+            rgb = open_rgb(self.paths[index])  # the full decode: a truncated file fails here
             pixel_values = self.image_processor(images=rgb, do_rescale=False, do_normalize=False,
                                                 return_tensors="pt").pixel_values[0]
         except UNREADABLE as exc:

@@ -265,8 +265,7 @@ class LocalFederation:
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         log_file = open(self.logs_dir / f"{name}.log", "w")
         self.processes[name] = subprocess.Popen(command, env={**self.env, **(env or {})}, cwd=self.workdir,
-                                                stdout=log_file,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+                                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()  # the child keeps its own descriptor
 
     def _wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:

@@ -79,6 +79,7 @@ class SyntheticSetIncomplete(RuntimeError):
 # Errors that say what to do (said without a traceback by the command, and passed on to every process)
 PLAIN_ERRORS = (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError, ValueError)
 
+
 @dataclass
 class TrainingSummary:
     """``<run dir>/stages/training-summary.json``: what was trained, on what, how fast, where."""
