@@ -48,10 +48,18 @@ class InvertedPrompt:
     cosine: float  # cosine between the re-encoded text and the (normalised) target
 
 
+def end_token_embeds(text_model: CLIPTextModelWithProjection, bos_id: int, eos_id: int) -> torch.Tensor:
+    """The token embeddings of BOS and EOS, [2, E], on the model's device: computed once per search, because
+    building the id tensor on a GPU every step is a blocking host-to-device copy that stalls the queue."""
+    ids = torch.tensor([bos_id, eos_id], device=text_model.device)
+    return text_model.text_model.embeddings.token_embedding(ids).detach()
+
+
 def projected_text_embeds(
-    text_model: CLIPTextModelWithProjection, prompt_embeds: torch.Tensor, bos_id: int, eos_id: int
+    text_model: CLIPTextModelWithProjection, prompt_embeds: torch.Tensor, ends: torch.Tensor
 ) -> torch.Tensor:
-    """CLIP's projected text embedding of ``BOS + prompt + EOS``, given the prompt's token embeddings.
+    """CLIP's projected text embedding of ``BOS + prompt + EOS``, given the prompt's token embeddings and
+    those of BOS and EOS (``ends`` [2, E], from :func:`end_token_embeds`).
 
     Mirrors ``CLIPTextModelWithProjection.forward`` but starts from token embeddings ([N, T, E]) so that
     gradients can flow to them. No padding is appended: with the causal mask the EOS hidden state never sees
@@ -59,9 +67,7 @@ def projected_text_embeds(
     output on 77-padded ids).
     """
     tm = text_model.text_model
-    token_embedding = tm.embeddings.token_embedding
     n = prompt_embeds.shape[0]
-    ends = token_embedding(torch.tensor([bos_id, eos_id], device=prompt_embeds.device))
     bos = ends[0].expand(n, 1, -1)
     eos = ends[1].expand(n, 1, -1)
     hidden = tm.embeddings(inputs_embeds=torch.cat([bos, prompt_embeds.to(ends.dtype), eos], dim=1))
@@ -168,6 +174,7 @@ class _TokenSearch:
         self.weight = text_model.get_input_embeddings().weight.detach()
         self.allowed_ids = _allowed_token_ids(tokenizer, self.weight.shape[0]).to(text_model.device)
         self.vocab_normed = F.normalize(self.weight[self.allowed_ids].float(), dim=-1)
+        self.ends = end_token_embeds(text_model, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
     def run(self, targets: torch.Tensor, init: torch.Tensor, *, steps: int, bar: Any) -> list[InvertedPrompt]:
         """Optimise prompts for ``targets`` [n, D] (unit rows) from the initial token indices ``init`` [n, T]."""
@@ -182,7 +189,7 @@ class _TokenSearch:
             for step in range(steps):
                 ids = _nearest_tokens(prompt.detach(), self.vocab_normed, self.allowed_ids)
                 snapped = weight[ids].requires_grad_(True)
-                out = projected_text_embeds(self.text_model, snapped, tokenizer.bos_token_id, tokenizer.eos_token_id)
+                out = projected_text_embeds(self.text_model, snapped, self.ends)
                 # Sum, not mean: each target's gradient then does not depend on how many others share the batch.
                 loss = (1 - F.cosine_similarity(out.float(), targets, dim=-1)).sum()
                 (grad,) = torch.autograd.grad(loss, snapped)

@@ -3,6 +3,7 @@ real 49408-token BPE vocabulary)."""
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from oscar_common.models import load_clip_text_encoder
 from oscar_common.text_encoding import encode_pooled
 from oscar_demo.tiny import save_tiny_clip
+from oscar_common import inversion
 from oscar_common.inversion import (
     CPU_CHUNK_SIZE,
+    end_token_embeds,
     invert_embeddings,
     inversion_chunk_size,
     projected_text_embeds,
@@ -48,15 +51,14 @@ def test_custom_forward_matches_model_output(clip):
     full[:, PROMPT_TOKENS + 1] = tokenizer.eos_token_id
     with torch.no_grad():
         expected = model(input_ids=full).text_embeds
-        got = projected_text_embeds(model, model.get_input_embeddings()(ids), tokenizer.bos_token_id,
-                                    tokenizer.eos_token_id)
+        ends = end_token_embeds(model, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        got = projected_text_embeds(model, model.get_input_embeddings()(ids), ends)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     # Also for real text through the tokenizer (same ids the client-side encoder sees).
     enc = tokenizer(["a photo of a cat on a red sofa"], return_tensors="pt")
     with torch.no_grad():
-        got = projected_text_embeds(model, model.get_input_embeddings()(enc.input_ids[:, 1:-1]),
-                                    tokenizer.bos_token_id, tokenizer.eos_token_id)
+        got = projected_text_embeds(model, model.get_input_embeddings()(enc.input_ids[:, 1:-1]), ends)
     torch.testing.assert_close(torch.nn.functional.normalize(got, dim=-1),
                                encode_pooled(["a photo of a cat on a red sofa"], tokenizer, model),
                                atol=1e-5, rtol=1e-5)
@@ -130,3 +132,43 @@ def test_chunk_size_from_free_gpu_memory(clip, monkeypatch):
     assert inversion_chunk_size(gpu_model(768), 8) == 328  # wider tower, shorter prompts
     free["bytes"] = 1e6
     assert inversion_chunk_size(gpu_model(512), 16) == 1
+
+
+def test_automatic_chunks_give_the_results_of_one_batch(clip, monkeypatch, caplog):
+    """chunk_size 0 (the run config's default) takes the size inversion_chunk_size chooses, as on a GPU
+    whose free memory holds only a few targets: forced here to 2, so 5 targets run in 3 chunks."""
+    tokenizer, model = clip
+    targets = encode_pooled(_random_prompts(tokenizer, 5, seed=8), tokenizer, model)
+    settings = dict(num_tokens=4, steps=6, lr=0.1, seed=0, eval_every=2)
+    whole = invert_embeddings(targets, tokenizer, model, chunk_size=5, **settings)
+    monkeypatch.setattr(inversion, "inversion_chunk_size", lambda text_model, num_tokens: 2)
+    with caplog.at_level("INFO", logger=inversion.__name__):
+        chunked = invert_embeddings(targets, tokenizer, model, chunk_size=0, **settings)
+    assert "Inverting 5 embeddings in 3 chunks of up to 2" in caplog.text
+    assert [r.text for r in chunked] == [r.text for r in whole]
+    torch.testing.assert_close(torch.tensor([r.cosine for r in chunked]), torch.tensor([r.cosine for r in whole]),
+                               atol=1e-5, rtol=0)
+
+
+def test_no_tensor_is_built_from_host_values_in_the_step_loop(clip, monkeypatch):
+    """On a GPU, torch.tensor(..., device=cuda) in the step loop is a blocking copy every step, which keeps
+    the CPU from queueing ahead. Tensors the inversion code builds from Python values must not grow with
+    the number of steps."""
+    tokenizer, model = clip
+    targets = encode_pooled(_random_prompts(tokenizer, 2, seed=9), tokenizer, model)
+    built = []
+    real_tensor = torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == inversion.__file__:
+            built.append(sys._getframe(1).f_code.co_name)
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    counts = []
+    for steps in (2, 8):
+        built.clear()
+        invert_embeddings(targets, tokenizer, model, num_tokens=4, steps=steps, lr=0.1, seed=0, chunk_size=2,
+                          eval_every=100)
+        counts.append(len(built))
+    assert counts[0] == counts[1], f"tensors built per step in {built}"
