@@ -28,6 +28,14 @@ if TYPE_CHECKING:
     from oscar_common.wire import TrainInstruction
 
 
+class ConfigError(ValueError):
+    """Every rule a config breaks, one by one in ``problems`` (a rule's own text may hold a ';')."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid run config: " + "; ".join(problems))
+        self.problems = list(problems)
+
+
 @dataclass(frozen=True)
 class OscarConfig:
     # --- conditioning scheme and frozen models (paper defaults) ---
@@ -102,7 +110,7 @@ class OscarConfig:
     def __post_init__(self) -> None:
         problems = config_problems(self)
         if problems:
-            raise ValueError("invalid run config: " + "; ".join(problems))
+            raise ConfigError(problems)
 
     # ------------------------------------------------------------------ construction
     @classmethod

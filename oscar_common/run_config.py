@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import tomli_w
 
-from oscar_common.config import OscarConfig
+from oscar_common.config import ConfigError, OscarConfig
 
 
 def known_keys() -> list[str]:
@@ -41,9 +41,7 @@ def load_run_config(sources: Sequence[str]) -> dict[str, Any]:
             try:
                 merged.update(parse_config_args([source]))
             except Exception:  # noqa: BLE001 - Flower raises click's exception type with a generic text
-                key = source.split("=", 1)[0]
-                raise ValueError(f"{source!r} is not key=value with a TOML value: text needs quotes, e.g. "
-                                 f"{key}='{source.split('=', 1)[1]}'") from None
+                raise ValueError(_unparsable_pair(source)) from None
             continue
         path = Path(source)
         if not path.is_file():
@@ -53,6 +51,17 @@ def load_run_config(sources: Sequence[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from None
     return merged
+
+
+def _unparsable_pair(source: str) -> str:
+    """Why ``key=value`` is not TOML, in the key's own terms: a number key takes a number, a text key quotes."""
+    key, value = (part.strip() for part in source.split("=", 1))
+    kinds = {f.name.replace("_", "-"): str(f.type) for f in fields(OscarConfig)}
+    default = OscarConfig().to_dict().get(key)
+    takes = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kinds.get(key, ""))
+    if takes is not None:
+        return f"{key} takes {takes} (e.g. {key}={tomli_w.dumps({'v': default})[4:].strip()}), got {value!r}"
+    return f"{source!r} is not key=value with a TOML value: text needs quotes, e.g. {key}='{value}'"
 
 
 def run_config_problems(run_config: dict[str, Any]) -> list[str]:
@@ -65,8 +74,10 @@ def run_config_problems(run_config: dict[str, Any]) -> list[str]:
                                                   else " (oscar-config --keys lists them)"))
     try:
         OscarConfig.from_run_config({k: v for k, v in run_config.items() if k in keys})
-    except ValueError as exc:
-        problems += [part.strip() for part in str(exc).removeprefix("invalid run config:").split(";")]
+    except ConfigError as exc:
+        problems += exc.problems
+    except ValueError as exc:  # a value of the wrong type, before any range is checked
+        problems.append(str(exc))
     return problems
 
 

@@ -19,6 +19,25 @@ def test_a_misspelled_key_is_named_with_the_nearest_ones(capsys: pytest.CaptureF
     assert "guidance-scale must be >= 1" in err
 
 
+def test_a_rule_whose_text_holds_a_semicolon_stays_one_problem(capsys: pytest.CaptureFixture) -> None:
+    assert main([str(EXAMPLE), "guidance-scale=-1", "lr=-1"]) == 1
+    bullets = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    assert bullets == ["  - guidance-scale must be >= 1 (1 turns guidance off; the paper's s = g - 1 >= 0), got -1.0",
+                       "  - lr must be >= 0 (0: the train-recipe's value), got -1.0"]
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("images-per-class=abc", "images-per-class takes a whole number (e.g. images-per-class=10), got 'abc'"),
+    ("guidance-scale=high", "guidance-scale takes a number (e.g. guidance-scale=7.5), got 'high'"),
+    ("share-counts=maybe", "share-counts takes true or false (e.g. share-counts=false), got 'maybe'"),
+    ("run-name=mine", "is not key=value with a TOML value: text needs quotes, e.g. run-name='mine'"),
+])
+def test_a_value_that_is_not_toml_is_explained_by_the_keys_type(pair: str, message: str,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main([str(EXAMPLE), pair]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_a_toml_file_and_overrides_merge_left_to_right(tmp_path: Path) -> None:
     out = tmp_path / "run.toml"
     assert main([str(EXAMPLE), "run-name='again'", "epochs=2", "--out", str(out)]) == 0
