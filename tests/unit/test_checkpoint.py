@@ -78,3 +78,34 @@ def test_best_weights_are_stored_only_when_they_are_not_the_model(tmp_path: Path
         assert progress.best_epoch == best_epoch and progress.best_accuracy == 0.9
         assert all(torch.equal(progress.best_state[k], v) for k, v in expected.items())
     assert (tmp_path / "best-2.safetensors").stat().st_size > 1.9 * (tmp_path / "best-3.safetensors").stat().st_size
+
+
+def test_the_step_loop_only_snapshots_the_writer_thread_serialises(dataset, tmp_path: Path, monkeypatch) -> None:
+    """Host copies and the safetensors blob are built off the training thread (on a GPU they would stall
+    the step loop every epoch); what the writer stores is the epoch's state, not what training does next."""
+    import threading
+
+    from oscar_common import checkpoint as checkpoint_module
+
+    threads = []
+    real_save = checkpoint_module.save
+
+    def recording_save(tensors, metadata=None):
+        threads.append(threading.current_thread().name)
+        return real_save(tensors, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save", recording_save)
+    _train(dataset, 2, tmp_path / "checkpoint.safetensors")
+    assert len(threads) == 2 and all(name.startswith("checkpoint") for name in threads), threads
+
+    model = build_classifier(3, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snapshot = checkpoint_module.snapshot_checkpoint(model, optimizer, checkpoint_module.TrainingProgress(epoch=1))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # the next epoch's steps, before the writer gets to the snapshot
+    checkpoint_module.write_checkpoint(tmp_path / "snap.safetensors", snapshot)
+    restored = build_classifier(3)
+    load_checkpoint(tmp_path / "snap.safetensors", restored, torch.optim.SGD(restored.parameters(), lr=1))
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in expected.items())
