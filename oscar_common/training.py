@@ -65,13 +65,15 @@ class TrainStats:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on CUDA GPUs that support it, else fp32. ``bf16`` needs such a GPU."""
+    """``auto``: bf16 autocast on CUDA GPUs that support it, else fp32. ``bf16`` asked for explicitly also
+    runs on a CPU (autocast on the CPU: slower there, but the same code path as on a GPU, so it is tested)."""
     if name not in TRAIN_PRECISIONS:
         raise ValueError(f"train-precision must be one of {TRAIN_PRECISIONS}, got {name!r}")
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if name == "bf16" and not bf16_ok:
-        raise ValueError(f"train-precision=bf16 needs a CUDA GPU with bf16 support; the device is {device}")
-    return "bf16" if name == "bf16" or (name == "auto" and bf16_ok) else "fp32"
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "bf16" and device.type == "cuda" and not cuda_bf16:
+        raise ValueError(f"train-precision=bf16 needs a GPU with bf16 support, and {device} has none; "
+                         "use train-precision=fp32 (or auto)")
+    return "bf16" if name == "bf16" or (name == "auto" and cuda_bf16) else "fp32"
 
 
 def train_classifier(
@@ -123,7 +125,8 @@ def train_classifier(
             logger.info("resuming training from %s after epoch %d/%d", checkpoint, state.epoch, recipe.epochs)
     resumed_from = state.epoch
     net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
+                else contextlib.nullcontext)
     mean, std = (torch.tensor(v, device=device) for v in (recipe.mean, recipe.std))  # copied once, not per step
     lrs = [recipe.lr_at(e) for e in range(1, state.epoch + 1)]
 

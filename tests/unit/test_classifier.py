@@ -201,3 +201,21 @@ def test_pretrained_without_cache_or_network_fails_clearly(tmp_path, monkeypatch
         build_classifier(4, pretrained=True)
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message and "TORCH_HOME" in message and str(tmp_path) in message
+
+
+def test_bf16_training_runs_under_autocast_and_learns(digits):
+    """The GPU's training precision, bf16 autocast, taken on the CPU: the layers run in bf16, the weights
+    stay float32, and the model still learns the digits."""
+    train, test = digits
+    model = build_classifier(3, seed=0)
+    seen = []
+    model.fc.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    recipe = resolve_recipe("official", epochs=6, lr=0.003, batch_size=16)
+    stats = train_classifier(model, _cache(train, 32), recipe=recipe, image_size=32, seed=0, device="cpu",
+                             precision="bf16")
+    assert stats.precision == "bf16" and set(seen) == {torch.bfloat16}
+    assert np.isfinite(stats.losses).all() and stats.losses[-1] < stats.losses[0]
+    assert next(model.parameters()).dtype == torch.float32
+    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
+                                 batch_size=64, device="cpu")
+    assert result.accuracy >= 0.8, result
