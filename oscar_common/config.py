@@ -44,7 +44,7 @@ class OscarConfig:
     text_encoder: str = "openai/clip-vit-base-patch32"
     diffusion_model: str = "CompVis/stable-diffusion-v1-4"
     # --- synthesis ---
-    scheduler: str = "pndm"  # what the official code ran: SD-1.4's own PNDM (README "Divergences")
+    scheduler: str = "official"  # the official code's 50 UNet calls: SD-1.4's PNDM, its last 50 timesteps
     guidance_scale: float = 7.5  # diffusers convention: eps_u + g (eps_c - eps_u); paper's s = g - 1
     num_inference_steps: int = 50
     images_per_class: int = 10
@@ -86,7 +86,8 @@ class OscarConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    min_clients: int = 2
+    min_clients: int = 2  # nodes to wait for before the round starts (Flower's min_available_nodes)
+    min_uploads: int = 0  # valid uploads the run needs; 0: min_clients (see required_uploads)
     wait_for_clients_timeout: float = 300.0
     # Seconds without a new reply before the server stops waiting for the rest (every reply restarts it).
     train_timeout: float = 3600.0
@@ -126,6 +127,11 @@ class OscarConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def required_uploads(self) -> int:
+        """Valid uploads without which the run fails: ``min-uploads``, or ``min-clients`` when that is 0."""
+        return self.min_uploads or self.min_clients
+
     @property
     def client_encoder_id(self) -> str:
         """The text encoder clients must use: CLIP for ``pooled``, SD's own for ``tokens``."""
@@ -168,6 +174,7 @@ _RANGES: list[tuple[str, str, Any]] = [
     ("decode_workers", ">= 0, or -1 (from the CPU count)", lambda v: v >= -1),
     ("seed", ">= 0", lambda v: v >= 0),
     ("min_clients", ">= 1", lambda v: v >= 1),
+    ("min_uploads", ">= 0 (0: min-clients)", lambda v: v >= 0),
     ("wait_for_clients_timeout", "> 0 seconds", lambda v: v > 0),
     ("train_timeout", "> 0 seconds", lambda v: v > 0),
     ("evaluate_timeout", "> 0 seconds", lambda v: v > 0),
@@ -208,6 +215,9 @@ def config_problems(cfg: "OscarConfig") -> list[str]:
         problems.append("dp-max-epsilon cannot be combined with prototypes-per-class > 1: k-means assigns each "
                         "image by all the others, so one image can move several prototypes and the per-class "
                         "guarantee no longer holds (README \"Privacy\")")
+    if cfg.min_uploads > cfg.min_clients:
+        problems.append(f"min-uploads ({cfg.min_uploads}) must be at most min-clients ({cfg.min_clients}): the round "
+                        "may start with only min-clients nodes connected")
     if len(set(cfg.class_names)) != len(cfg.class_names):
         problems.append(f"class-names has duplicates: {list(cfg.class_names)}")
     if cfg.run_name and cfg.run_name != cfg.run_name.strip("./") or "/" in cfg.run_name:

@@ -3,7 +3,8 @@
 Flower's ``Strategy.start`` loop fits OSCAR with ``num_rounds=1`` (whatever ``aggregate_train``
 returns is what ``configure_evaluate`` sends), but OSCAR needs things it does not give:
 
-* waiting for ``min-clients`` with a timeout (``sample_nodes`` waits forever);
+* waiting for ``min-clients`` with a timeout (``sample_nodes`` waits forever), and then needing
+  ``min-uploads`` valid uploads of them (Flower's min_available_nodes vs. the replies a round needs);
 * handling each upload the moment it arrives (validated and persisted), not after the last one;
 * broadcasting the final model only to the clients whose upload was accepted, with a timeout,
   so one dead client cannot hang the run;
@@ -58,7 +59,7 @@ POLL_SECONDS = 1.0
 
 
 class NotEnoughClientsError(RuntimeError):
-    """Fewer than ``min-clients`` nodes connected, or fewer valid uploads than that."""
+    """Fewer than ``min-clients`` nodes connected, or fewer valid uploads than ``min-uploads``."""
 
 
 @dataclass
@@ -123,8 +124,10 @@ class OscarStrategy(Strategy):
         for reply in replies:
             self.accept_upload(reply)
         accepted = list(self.state.clients.values())
-        if len(accepted) < self.cfg.min_clients:
-            raise NotEnoughClientsError(f"{len(accepted)} valid uploads, min-clients is {self.cfg.min_clients}"
+        if len(accepted) < self.cfg.required_uploads:
+            needed = (f"min-uploads is {self.cfg.min_uploads}" if self.cfg.min_uploads
+                      else f"min-clients is {self.cfg.min_clients}")
+            raise NotEnoughClientsError(f"{len(accepted)} valid uploads, {needed}"
                                         + _rejections_hint(self.state.rejected))
 
         # The stages read the accepted uploads from the run dir, in client-name order: the result does not

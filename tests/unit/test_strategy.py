@@ -125,6 +125,41 @@ def test_too_few_valid_uploads_fail_the_run_before_any_synthesis(strategy: Oscar
                                   "only: no evaluation: no reply"]
 
 
+def test_min_uploads_waits_for_min_clients_nodes_and_needs_fewer_valid_uploads(
+        strategy: OscarStrategy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes to wait for and uploads needed are two settings: wait for 3 nodes, go on with 2 valid uploads."""
+    strategy = OscarStrategy(strategy.cfg.replace(min_uploads=2), strategy.run_dir)
+    with pytest.raises(NotEnoughClientsError, match="only 2 of min-clients=3 nodes"):
+        strategy.configure_train(1, None, None, FakeGrid([1, 2]))
+    assert [m.metadata.dst_node_id for m in strategy.configure_train(1, None, None, FakeGrid([1, 2, 3]))] == [1, 2, 3]
+
+    strategy.state.clients[1] = ClientRecord(node_id=1, upload=_upload("a", strategy.cfg.text_encoder), upload_bytes=1)
+    strategy.state.rejected.append({"node_id": 3, "name": "evil", "reason": "invalid payload: means contain NaN"})
+    with pytest.raises(NotEnoughClientsError, match=r"^1 valid uploads, min-uploads is 2 \(rejected: evil"):
+        strategy.aggregate_train(1, [])
+
+    class SynthesisStarted(Exception):
+        pass
+
+    def run_stage(stage: str, *args: object) -> None:
+        raise SynthesisStarted(stage)
+
+    monkeypatch.setattr(strategy_module, "run_stage", run_stage)
+    strategy.state.clients[2] = ClientRecord(node_id=2, upload=_upload("b", strategy.cfg.text_encoder), upload_bytes=1)
+    with pytest.raises(SynthesisStarted, match="synthesis"):  # 2 of 3: enough
+        strategy.aggregate_train(1, [])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"min-clients": 3, "min-uploads": 4}, "min-uploads (4) must be at most min-clients (3)"),
+    ({"min-uploads": -1}, "min-uploads must be >= 0 (0: min-clients)"),
+])
+def test_min_uploads_out_of_range_is_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OscarConfig.from_run_config(overrides)
+    assert OscarConfig(min_clients=5).required_uploads == 5  # the default follows min-clients, as before
+
+
 def test_a_finished_run_is_never_resumed(strategy: OscarStrategy) -> None:
     strategy.run_dir.report_json.write_text('{"status": "completed", "clients": ["kept"]}')
     with pytest.raises(FinishedRunError, match="already finished") as refused:
