@@ -59,13 +59,22 @@ import hashlib
 import math
 from typing import Mapping, Sequence
 
-import dp_accounting
 import numpy as np
 
+# The calibration is shared with the server, which checks a declared record with the same functions.
+from oscar_common.dp_calibration import (
+    MECHANISM,
+    NEIGHBOURING,
+    check_positive,
+    gaussian_epsilon,
+    gaussian_sigma,
+    mean_sensitivity,
+)
 from oscar_common.wire import DpRecord  # what was applied: goes on the wire and into the report
 
-MECHANISM = "gaussian, analytic calibration (Balle & Wang 2018)"
-NEIGHBOURING = "replace-one"
+__all__ = ["DpRecord", "MECHANISM", "NEIGHBOURING", "clip_to_norm", "clipped_mean", "gaussian_epsilon",
+           "gaussian_sigma", "keyed_generator", "mean_sensitivity", "noise_seed", "privatize_class_means",
+           "release_id"]
 
 
 def clip_to_norm(x: np.ndarray, max_norm: float) -> np.ndarray:
@@ -73,7 +82,7 @@ def clip_to_norm(x: np.ndarray, max_norm: float) -> np.ndarray:
 
     Samples already inside the ball are returned unchanged; float64 out.
     """
-    _check_positive("max_norm", max_norm)
+    check_positive("max_norm", max_norm)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 1:
         raise ValueError("clip_to_norm needs an [N, ...] array of samples, got a scalar")
@@ -82,30 +91,6 @@ def clip_to_norm(x: np.ndarray, max_norm: float) -> np.ndarray:
     norms = np.linalg.norm(x.reshape(len(x), -1), axis=1)
     scale = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(np.float64).tiny))
     return x * scale.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def mean_sensitivity(*, clip_norm: float, min_images: int) -> float:
-    """L2 sensitivity under replace-one of a mean of >= ``min_images`` samples clipped to ``clip_norm``."""
-    _check_positive("clip_norm", clip_norm)
-    _check_min_images(min_images)
-    return 2.0 * clip_norm / min_images
-
-
-def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
-    """Smallest noise std making the Gaussian mechanism (epsilon, delta)-DP (analytic Gaussian mechanism)."""
-    _check_epsilon(epsilon)
-    _check_delta(delta)
-    _check_positive("sensitivity", sensitivity)
-    # dp-accounting calibrates sensitivity 1; the mechanism is scale-invariant, so sigma scales with Delta.
-    return sensitivity * float(dp_accounting.get_sigma_gaussian(epsilon, delta))
-
-
-def gaussian_epsilon(sigma: float, delta: float, sensitivity: float) -> float:
-    """Smallest epsilon for which Gaussian noise of std ``sigma`` gives (epsilon, delta)-DP."""
-    _check_positive("sigma", sigma)
-    _check_delta(delta)
-    _check_positive("sensitivity", sensitivity)
-    return float(dp_accounting.get_epsilon_gaussian(sigma / sensitivity, delta))
 
 
 def clipped_mean(embeddings: np.ndarray, *, clip_norm: float, center: np.ndarray | None = None) -> np.ndarray:
@@ -152,12 +137,26 @@ def keyed_generator(secret_key: bytes, *, data: bytes, parameters: Mapping[str, 
     releases nothing new. Any change to the data or to the parameters gives independent-looking noise:
     reusing noise across different data or sigmas would let the server cancel it.
     """
+    return np.random.default_rng(int.from_bytes(noise_seed(secret_key, data=data, parameters=parameters), "little"))
+
+
+def noise_seed(secret_key: bytes, *, data: bytes, parameters: Mapping[str, object]) -> bytes:
+    """The 32-byte seed of :func:`keyed_generator`: a keyed PRF (BLAKE2b) of the data and the parameters.
+
+    Whoever holds the key and guesses the data can recompute it, and with it the noise: keep it secret.
+    """
     if len(secret_key) < 16:
         raise ValueError("secret_key must hold at least 16 random bytes (e.g. secrets.token_bytes(32))")
     digest = hashlib.blake2b(key=secret_key[:64], digest_size=32)
     digest.update(data)
     digest.update(repr(sorted(parameters.items())).encode())
-    return np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+    return digest.digest()
+
+
+def release_id(secret_key: bytes, *, data: bytes, parameters: Mapping[str, object]) -> str:
+    """Names the noise of a release without revealing it: equal exactly when :func:`keyed_generator` draws
+    the same noise (same key, data and parameters). A one-way hash of the seed, safe to write down."""
+    return hashlib.sha256(b"oscar release\x00" + noise_seed(secret_key, data=data, parameters=parameters)).hexdigest()
 
 
 def _check_classes(class_embeddings: Sequence[np.ndarray], min_images: int) -> None:
@@ -170,24 +169,3 @@ def _check_classes(class_embeddings: Sequence[np.ndarray], min_images: int) -> N
     if small:
         raise ValueError(f"classes at positions {small} have fewer than min_images={min_images} embeddings: "
                          "drop them before privatizing (the sensitivity bound 2C/min_images needs n >= min_images)")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_epsilon(epsilon: float) -> None:
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"dp-epsilon must be a finite number > 0, got {epsilon!r} (smaller means more private)")
-
-
-def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise ValueError(f"dp-delta must lie strictly between 0 and 1, got {delta!r} "
-                         "(choose it well below 1/number-of-images, e.g. 1e-5)")
-
-
-def _check_min_images(min_images: int) -> None:
-    if isinstance(min_images, bool) or int(min_images) != min_images or min_images < 1:
-        raise ValueError(f"min_images (the server's min-images-per-class) must be an integer >= 1, got {min_images!r}")

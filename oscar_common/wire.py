@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from oscar_common.choices import SCHEMES, TRANSPORT_DTYPES
+from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.files import safe_filename
 
 FORMAT_VERSION = 2
@@ -212,6 +213,36 @@ class DpRecord:
                    min_images=meta.integer("dp-min-images", minimum=1))
 
 
+# Relative slack between a declared and a recomputed sigma or sensitivity: float round-off and root-finder
+# tolerance (1e-12 in dp-accounting) are far below it; an understated sigma of 1e-6 moves epsilon by ~1e-6.
+DP_RECORD_TOLERANCE = 1e-6
+
+
+def check_dp_record(dp: DpRecord, min_images_per_class: int) -> None:
+    """Raise :class:`PayloadError` unless ``dp`` adds up under the calibration the clients use
+    (:mod:`oscar_common.dp_calibration`): a mechanism the server can check, ``n_pub`` (``min_images``) at
+    least the server's ``min-images-per-class``, sensitivity ``2C/n_pub`` and the sigma that gives the
+    declared (epsilon, delta). Otherwise the epsilon in the report would be whatever the client wrote."""
+    if (dp.mechanism, dp.neighbouring) != (MECHANISM, NEIGHBOURING):
+        raise PayloadError(f"DP record: mechanism {dp.mechanism!r} under {dp.neighbouring!r} neighbours is not "
+                           f"one this server can check (it checks {MECHANISM!r} under {NEIGHBOURING!r})")
+    if dp.min_images < min_images_per_class:
+        raise PayloadError(f"DP record: calibrated to {dp.min_images} images per class, below the server's "
+                           f"min-images-per-class {min_images_per_class}: the noise is too small for the classes "
+                           "the server accepts")
+    try:
+        sensitivity = mean_sensitivity(clip_norm=dp.clip_norm, min_images=dp.min_images)
+        sigma = gaussian_sigma(dp.epsilon, dp.delta, sensitivity)
+    except ValueError as exc:
+        raise PayloadError(f"DP record: {exc}") from None
+    if not math.isclose(dp.sensitivity, sensitivity, rel_tol=DP_RECORD_TOLERANCE):
+        raise PayloadError(f"DP record: sensitivity {dp.sensitivity:.6g} does not add up: clip norm "
+                           f"{dp.clip_norm:g} over {dp.min_images} images per class gives 2C/n = {sensitivity:.6g}")
+    if not math.isclose(dp.sigma, sigma, rel_tol=DP_RECORD_TOLERANCE):
+        raise PayloadError(f"DP record: sigma {dp.sigma:.6g} does not add up: epsilon {dp.epsilon:g}, delta "
+                           f"{dp.delta:g} and sensitivity {sensitivity:.6g} need sigma {sigma:.6g}")
+
+
 @dataclass
 class SharedCounts:
     """Counts a client shares only with ``share-counts`` (the paper's weighted tables need them)."""
@@ -289,13 +320,15 @@ class Expectation:
     prototypes_per_class: int = 1
     transport_dtype: str = "float32"
     dp_max_epsilon: float = 0.0
+    min_images_per_class: int = 1  # the server's: a DP record must be calibrated to at least this many images
 
     @classmethod
     def of(cls, instruction: TrainInstruction, feature_dim: int, max_bytes: int = 0) -> "Expectation":
         return cls(scheme=instruction.scheme, encoder_id=instruction.encoder_id,
                    num_classes=len(instruction.class_names), feature_dim=feature_dim, max_bytes=max_bytes,
                    prototypes_per_class=instruction.prototypes_per_class,
-                   transport_dtype=instruction.transport_dtype, dp_max_epsilon=instruction.dp_max_epsilon)
+                   transport_dtype=instruction.transport_dtype, dp_max_epsilon=instruction.dp_max_epsilon,
+                   min_images_per_class=instruction.min_images_per_class)
 
     @property
     def byte_limit(self) -> int:
@@ -438,6 +471,8 @@ def parse_upload(content: RecordDict, expect: Expectation) -> Upload:
         raise PayloadError(f"all-zero mean vector for class ids {class_ids[zero_rows].tolist()}")
 
     dp = DpRecord.from_meta(meta) if meta.boolean("dp") else None
+    if dp is not None:
+        check_dp_record(dp, expect.min_images_per_class)
     if expect.dp_max_epsilon > 0:
         if dp is None:
             raise PayloadError(f"the server requires differential privacy (dp-max-epsilon={expect.dp_max_epsilon}); "

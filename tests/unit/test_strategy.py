@@ -3,6 +3,7 @@ min-clients, finished runs left alone, resumed clients found by name on new node
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import re
@@ -16,8 +17,9 @@ from flwr.app import Error, Message, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from oscar_common.config import OscarConfig
+from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.run_config import main as run_config_main
-from oscar_common.wire import IDENTIFY_MESSAGE_TYPE, ClientFailure, Identity, Upload
+from oscar_common.wire import IDENTIFY_MESSAGE_TYPE, ClientFailure, DpRecord, Identity, Upload
 from oscar_server.report import build_report
 from oscar_server.run_dir import FinishedRunError, RunDirectory
 from oscar_server import strategy as strategy_module
@@ -231,3 +233,21 @@ def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStr
     assert [c.name for c in strategy.state.clients.values()] == ["plain", "plain-6", "plain-7"]
     assert sorted(p.name for p in strategy.run_dir.payloads_dir.iterdir()) == [
         "plain-6.safetensors", "plain-7.safetensors", "plain.safetensors"]
+
+
+def test_a_dp_record_that_does_not_add_up_is_a_named_rejection_and_the_others_proceed(
+        strategy: OscarStrategy) -> None:
+    encoder, minimum = strategy.cfg.text_encoder, strategy.cfg.min_images_per_class
+    sensitivity = mean_sensitivity(clip_norm=1.0, min_images=minimum)
+    honest = DpRecord(mechanism=MECHANISM, neighbouring=NEIGHBOURING, epsilon=2.0, delta=1e-5,
+                      sigma=gaussian_sigma(2.0, 1e-5, sensitivity), sensitivity=sensitivity, clip_norm=1.0,
+                      min_images=minimum)
+    boastful = dataclasses.replace(honest, epsilon=0.5)  # claims epsilon 0.5 with the noise of epsilon 2
+    for node, name, record in ((5, "honest", honest), (6, "boastful", boastful)):
+        upload = dataclasses.replace(_upload(name, encoder), dp=record)
+        strategy.accept_upload(_reply(upload.to_record(), f"u{node}", node))
+    assert [c.name for c in strategy.state.clients.values()] == ["honest"]
+    [rejection] = strategy.state.rejected
+    assert (rejection["node_id"], rejection["name"]) == (6, "boastful")
+    assert rejection["reason"].startswith("invalid payload: DP record: sigma ")
+    assert "does not add up: epsilon 0.5" in rejection["reason"]

@@ -3,6 +3,7 @@ is the only one that spells message keys."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from oscar_common import wire
 from oscar_common.config import OscarConfig
+from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.wire import (
     UPLOAD_ARRAYS_KEY,
     UPLOAD_META_KEY,
@@ -64,9 +66,15 @@ def test_default_upload_carries_only_ids_means_and_what_validation_needs() -> No
     assert got.counts is None and got.shared is None and got.dp is None
 
 
+def dp_record(**changes) -> DpRecord:
+    """A record that adds up: epsilon 2, delta 1e-5, C = 1, n_pub = 10 (sensitivity 0.2), sigma calibrated."""
+    values = dict(mechanism=MECHANISM, neighbouring=NEIGHBOURING, epsilon=2.0, delta=1e-5,
+                  sigma=gaussian_sigma(2.0, 1e-5, 0.2), sensitivity=0.2, clip_norm=1.0, min_images=10)
+    return DpRecord(**{**values, **changes})
+
+
 def test_shared_counts_and_dp_round_trip() -> None:
-    dp = DpRecord(mechanism="gaussian", neighbouring="replace-one", epsilon=2.0, delta=1e-5, sigma=0.4,
-                  sensitivity=0.2, clip_norm=1.0, min_images=10)
+    dp = dp_record()
     sent = make_upload(counts=np.array([5, 12, 30], dtype=np.int64), dp=dp,
                        shared=SharedCounts(num_images=47, unreadable_images=2, skipped_classes=["zebra"]))
     got = parse_upload(over_the_wire(sent.to_record()), POOLED)
@@ -163,6 +171,66 @@ def test_validation_rejects(case: str) -> None:
     with pytest.raises(PayloadError) as info:
         parse_upload(over_the_wire(build()), POOLED)
     assert message in str(info.value)
+
+
+SIGMA = gaussian_sigma(2.0, 1e-5, 0.2)
+DP_RECORDS_THAT_DO_NOT_ADD_UP = {
+    # 2.5x less noise than epsilon 2 needs: the real epsilon is ~7, the report would say 2
+    "sigma too small": (dict(sigma=SIGMA / 2.5), f"sigma {SIGMA / 2.5:.6g} does not add up: epsilon 2, delta "
+                                                 f"1e-05 and sensitivity 0.2 need sigma {SIGMA:.6g}"),
+    "epsilon understated": (dict(epsilon=0.5), "does not add up: epsilon 0.5"),
+    "sigma too large": (dict(sigma=SIGMA * 1.01), "does not add up"),
+    "sensitivity understated": (dict(sensitivity=0.02), "sensitivity 0.02 does not add up: clip norm 1 over 10 "
+                                                        "images per class gives 2C/n = 0.2"),
+    "clip norm hidden": (dict(clip_norm=10.0), "sensitivity 0.2 does not add up: clip norm 10"),
+    "n below the server's minimum": (dict(min_images=4, sensitivity=0.5, sigma=gaussian_sigma(2.0, 1e-5, 0.5)),
+                                     "calibrated to 4 images per class, below the server's min-images-per-class 5"),
+    "another mechanism": (dict(mechanism="laplace"), "mechanism 'laplace' under 'replace-one' neighbours is not"),
+    "add-remove neighbours": (dict(neighbouring="add-remove"), "under 'add-remove' neighbours is not one"),
+    "delta 1": (dict(delta=1.0), "dp-delta must lie strictly between 0 and 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DP_RECORDS_THAT_DO_NOT_ADD_UP))
+def test_a_dp_record_that_does_not_add_up_is_rejected_with_the_reason(case: str) -> None:
+    changes, message = DP_RECORDS_THAT_DO_NOT_ADD_UP[case]
+    expect = Expectation(**{**POOLED.__dict__, "min_images_per_class": 5})
+    content = over_the_wire(make_upload(dp=dp_record(**changes)).to_record())
+    with pytest.raises(PayloadError, match="^DP record: ") as info:
+        parse_upload(content, expect)
+    assert message in str(info.value)
+
+
+def test_a_dp_record_is_checked_against_the_servers_minimum_from_its_instruction() -> None:
+    instruction = OscarConfig(class_names=tuple("abcdefghij"), min_images_per_class=10).train_instruction()
+    expect = Expectation.of(instruction, feature_dim=D)
+    assert parse_upload(make_upload(dp=dp_record()).to_record(), expect).dp == dp_record()  # n_pub 10: enough
+    nine = dp_record(min_images=9, sensitivity=mean_sensitivity(clip_norm=1.0, min_images=9),
+                     sigma=gaussian_sigma(2.0, 1e-5, 2 / 9))
+    with pytest.raises(PayloadError, match="calibrated to 9 images per class, below the server's "
+                                           "min-images-per-class 10"):
+        parse_upload(make_upload(dp=nine).to_record(), expect)
+
+
+def test_an_object_array_is_refused_and_never_unpickled(tmp_path: Path) -> None:
+    """An upload whose means are a pickled object array: refused, and the pickle's code never runs."""
+
+    class Tripwire:
+        def __reduce__(self):  # unpickling this calls Path.touch: a file appears if anyone unpickles it
+            return ((tmp_path / "unpickled").touch, ())
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([Tripwire()] * K, dtype=object), allow_pickle=True)
+    np.load(io.BytesIO(buffer.getvalue()), allow_pickle=True)  # the tripwire works: loading it with pickle runs it
+    assert (tmp_path / "unpickled").exists()
+    (tmp_path / "unpickled").unlink()
+
+    content = make_upload().to_record()
+    content.array_records[UPLOAD_ARRAYS_KEY]["means"] = Array(dtype="object", shape=(K,), stype="numpy.ndarray",
+                                                              data=buffer.getvalue())
+    with pytest.raises(PayloadError, match="array 'means' could not be decoded: Object arrays cannot be loaded"):
+        parse_upload(over_the_wire(content), POOLED)
+    assert not (tmp_path / "unpickled").exists()
 
 
 def test_the_size_limit_reads_declared_shapes_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
