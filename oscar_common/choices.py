@@ -5,7 +5,7 @@ benchmark and the server stages run where Flower is not installed (e.g. a GPU bo
 """
 
 SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Divergences")
-SCHEDULERS = ("pndm", "ddim", "default")  # pndm: what the official code ran (SD-1.4's own)
+SCHEDULERS = ("official", "pndm", "ddim", "default")  # official: the official code's calls (oscar_common.official_scheduler)
 TRANSPORT_DTYPES = ("float32", "float16")  # how upload means travel
 SWITCHES = ("auto", "true", "false")  # tri-state run-config keys such as compile (auto: on CUDA only)
 TRAIN_RECIPES = ("official", "augmented")  # how the server trains its classifier (oscar_common.recipes)

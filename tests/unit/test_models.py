@@ -125,9 +125,10 @@ def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)
 
-    # pndm, the run's default: what the official code ran (SD-1.4's own scheduler)
-    assert isinstance(models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="pndm").scheduler,
-                      PNDMScheduler)
+    # official (the run's default) and pndm: SD-1.4's own PNDM, the official code's last-50 cut and the whole list
+    for name in ("official", "pndm"):
+        assert isinstance(models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler=name).scheduler,
+                          PNDMScheduler)
     with pytest.raises(ValueError):
         models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="euler")
 
