@@ -1,9 +1,12 @@
 """The ResNet-18 that the server trains on the synthetic set and every client evaluates.
 
-Training follows the official OSCAR code: torchvision ResNet-18 (ImageNet weights by default), SGD with
-momentum 0.9, StepLR(7, 0.1), cross-entropy, RandomResizedCrop + flip. Weights travel and rest as
-safetensors only; :func:`classifier_from_bytes` checks a blob's header against the expected architecture
-before any tensor is loaded, and nothing is ever unpickled.
+A torchvision ResNet-18 (ImageNet weights by default) trained with cross-entropy by a named recipe
+(:mod:`oscar_common.recipes`). The default, ``official``, is the official OSCAR code's train.py: SGD lr
+5e-4, momentum 0.9, 20 epochs, batch 256, images resized to 224 without crops or flips, a constant lr, and
+the best training-accuracy epoch kept; ``official-openimage`` adds its OpenImage loader's batch 32 and
+random crops and flips. Weights travel and rest as safetensors only; :func:`classifier_from_bytes` checks
+a blob's header against the expected architecture before any tensor is loaded, and nothing is ever
+unpickled.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +51,35 @@ def test_augmented_recipe_is_the_older_train_py():
     assert recipe.cache_size(224) == 256 and recipe.cache_size(32) == 37
 
 
+def test_official_openimage_recipe_is_the_official_openimage_loader():
+    """train.py @4b6c7f5 with --dataset openimage: its lr, epochs and momentum, and the loader's batch 32,
+    RandomResizedCrop(224) + flip and ImageNet statistics (utils/openimage_data.py:9-15, 88)."""
+    recipe = resolve_recipe("official-openimage", epochs=0, lr=0, batch_size=0)
+    assert (recipe.epochs, recipe.lr, recipe.batch_size, recipe.momentum) == (20, 5e-4, 32, 0.9)
+    assert recipe.augment and (recipe.crop_scale, recipe.crop_ratio) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    assert (recipe.mean, recipe.std) == IMAGENET
+    assert [recipe.lr_at(e) for e in (1, 8, 20)] == [5e-4] * 3  # the same StepLR.step(epoch_loss) as official
+    assert eval_preprocessing(224, "official-openimage") == standard_preprocessing(224)  # Resize 256, crop 224
+
+
+@pytest.mark.parametrize("benchmark, recipe", [("domainnet", "official"), ("nico-dg", "official"),
+                                               ("nico-unique", "official"), ("openimage", "official-openimage")])
+def test_each_example_trains_with_the_official_recipe_of_its_benchmark(benchmark, recipe):
+    run_toml = Path(__file__).resolve().parents[2] / "examples" / benchmark / "run.toml"
+    cfg = OscarConfig.from_run_config(tomllib.loads(run_toml.read_text()))
+    assert (cfg.benchmark, cfg.train_recipe) == (benchmark, recipe)
+
+
+def test_the_classifier_module_describes_the_default_recipe():
+    import oscar_common.classifier
+
+    default = RECIPES[OscarConfig().train_recipe]
+    doc = " ".join(oscar_common.classifier.__doc__.split())
+    said = (f"The default, ``{default.name}``", f"lr {default.lr:.0e}".replace("e-0", "e-"), f"{default.epochs} epochs",
+            f"batch {default.batch_size}", "without crops or flips" if not default.augment else "random crops")
+    assert [phrase for phrase in said if phrase not in doc] == []
+
+
 def test_recipe_names_are_the_configs_choices():
     assert sorted(RECIPES) == sorted(TRAIN_RECIPES)
     assert all(RECIPES[name].name == name for name in RECIPES)
@@ -61,7 +92,8 @@ def test_overrides_replace_only_non_zero_values():
 
 
 def test_bad_recipe_values_are_named():
-    with pytest.raises(ValueError, match=r"train-recipe must be one of \['augmented', 'official'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"train-recipe must be one of \['augmented', 'official', "
+                                         r"'official-openimage'\], got 'fast'"):
         resolve_recipe("fast", epochs=0, lr=0, batch_size=0)
     with pytest.raises(ValueError, match="epochs must be >= 0"):
         resolve_recipe("official", epochs=-1, lr=0, batch_size=0)
