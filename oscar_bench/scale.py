@@ -39,9 +39,11 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale("full", resolution=0, steps=0, official_images=4, official_warmup=True, project_batches=2,
+    # Timing windows long enough that one-off costs do not decide a ratio: 4 synthesis batches (the last
+    # one's PNG drain inside the window), 2 x 2,048 training images.
+    "full": Scale("full", resolution=0, steps=0, official_images=4, official_warmup=True, project_batches=4,
                   batch_size=0, bare_pipeline=True,
-                  train_images=512, png_size=512, train_image_size=0, train_epochs=2, baseline_iterations=30,
+                  train_images=2048, png_size=512, train_image_size=0, train_epochs=2, baseline_iterations=30,
                   baseline_batch=256, inversion_targets=540, inversion_steps=20, client_images=2048),
     "tiny": Scale("tiny", resolution=0, steps=4, official_images=2, official_warmup=True, project_batches=1,
                   batch_size=0, bare_pipeline=True,
