@@ -16,11 +16,13 @@ stack trace) and then ``exec`` the Flower command, so the PID a supervisor sees 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import os
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -160,18 +162,44 @@ def supernode_command(superlink: str, root_certificates: Path | None, private_ke
     return command
 
 
-def free_local_port(host: str, first: int, tries: int = 100) -> int:
-    """``first`` if nothing listens there, else the next free port: two SuperNodes on one host need two."""
+def reserve_local_port(host: str, first: int, tries: int = 100) -> int:
+    """``first`` if it is free, else the next free port, reserved for this process: SuperNodes on one host
+    need one each, also when a script starts them all at once.
+
+    A free port is only bound by flower-supernode seconds later (after the SuperLink answers and ``exec``),
+    so two launchers started together would both find ``first`` free. Each port is therefore claimed with
+    an exclusive lock on a file named after it before it is tested; the lock's descriptor survives ``exec``,
+    so the port stays claimed until that flower-supernode exits.
+    """
     for port in range(first, first + tries):
+        lock = claim_port(host, port)
+        if lock is None:
+            continue  # another oscar-supernode of this user holds it
         with socket.socket() as sock:
             try:
                 sock.bind((host, port))
             except OSError:
+                os.close(lock)  # in use by something else
                 continue
-            if port != first:
-                print(f"port {first} on {host} is taken (another SuperNode?): using {port}", flush=True)
-            return port
+        if port != first:
+            print(f"port {first} on {host} is taken (another SuperNode?): using {port}", flush=True)
+        return port
     raise LaunchError(f"no free port in {first}..{first + tries - 1} on {host}: pass --port")
+
+
+def claim_port(host: str, port: int) -> int | None:
+    """This user's lock on ``host:port``, held as long as this process and what it ``exec``s live (the
+    descriptor is returned); None when another process holds it."""
+    locks = Path(tempfile.gettempdir()) / f"oscar-supernode-ports-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / f"{host}-{port}.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, True)  # kept open, and so locked, by flower-supernode after exec
+    return fd
 
 
 def connection_config(address: str, root_certificates: Path | None) -> dict[str, Any]:
@@ -280,7 +308,11 @@ def supernode_main(argv: list[str] | None = None) -> None:
     if args.output_dir is not None:
         node_config["output-dir"] = str(args.output_dir.resolve())
     root = args.root_certificates.resolve() if args.root_certificates else None
-    port = args.port if args.port is not None else free_local_port(args.runtime_host, SUPERNODE_PORT)
+    if args.port is not None:
+        port = args.port
+        claim_port(args.runtime_host, port)  # so that a launcher choosing its own port passes this one by
+    else:
+        port = reserve_local_port(args.runtime_host, SUPERNODE_PORT)
     command = supernode_command(args.superlink, root, args.auth_key.resolve() if args.auth_key else None,
                                 node_config, port, args.runtime_host, args.isolation)
     env = model_cache_env(args.model_cache)

@@ -89,11 +89,31 @@ def test_superlink_without_tls_material_fails_clearly(tmp_path: Path) -> None:
         launch.superlink_command(tmp_path)
 
 
+def _reserve(host: str, port: int, times: int) -> list[int]:
+    """``reserve_local_port`` called ``times`` in one short-lived process, which keeps every port it
+    reserved until it exits, as a launcher does until its flower-supernode exits."""
+    code = (f"from oscar_deploy.launch import reserve_local_port as r; "
+            f"print(*[r({host!r}, {port}) for _ in range({times})])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(launch.__file__).parents[1]).stdout
+    return [int(p) for p in out.splitlines()[-1].split()]  # after the launcher's "port ... is taken" lines
+
+
 def test_a_second_supernode_on_one_host_gets_the_next_free_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        assert launch.free_local_port("127.0.0.1", port) > port
+        assert _reserve("127.0.0.1", port, 1)[0] > port
+
+
+def test_a_reserved_port_is_passed_by_before_anyone_binds_it() -> None:
+    """What two launchers started at once do (tests/e2e/test_supernode_ports.py runs them): the first
+    reservation holds its port although nothing listens there yet, so the second takes the next one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    first, second = _reserve("127.0.0.2", port, 2)
+    assert first == port and second > port
 
 
 def test_connections_are_added_to_an_existing_flower_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
