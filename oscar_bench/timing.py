@@ -40,18 +40,6 @@ def repeated_seconds(fn: Callable[[], Any], device: torch.device, *, warmup: int
     return seconds
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device: torch.device) -> float | None:
-    """Peak memory torch allocated on the GPU since the last reset; None off CUDA (not tracked there)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 1e9
-
-
 class Budget:
     """A deadline for the whole run; sections size their optional work by what is left."""
 

@@ -32,7 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from oscar_common.config import OscarConfig
-from oscar_common.devices import free_device_memory, resolve_device
+from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_diffusion_pipeline
 from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
@@ -80,6 +80,7 @@ class SynthesisSummary:
     batch_size: int
     compile_seconds: float  # torch.compile warm-up (slowest process); 0 without compiling
     prompts: list[dict[str, Any]] = field(default_factory=list)  # prompts.json's records (pooled)
+    peak_memory_gb: float | None = None  # largest GPU memory peak of a process, inversion included; None off CUDA
     stage: str = STAGE
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +127,7 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # this process's GPU
     configure_cuda(tf32=cfg.tf32)
+    reset_peak_memory(device)
 
     # 2. Resume safety, once, before anything is reused.
     def check_resume() -> None:
@@ -166,7 +168,8 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
         images_per_second=round(generated / generation_seconds, 4) if generation_seconds > 0 else 0.0,
         processes=state.num_processes, devices=[s["device"] for s in shares], dtype=local["dtype"],
         batch_size=max(s["batch_size"] for s in shares),
-        compile_seconds=round(max(s["compile_seconds"] for s in shares), 2), prompts=prompts)
+        compile_seconds=round(max(s["compile_seconds"] for s in shares), 2), prompts=prompts,
+        peak_memory_gb=max((s["peak_memory_gb"] for s in shares if s["peak_memory_gb"] is not None), default=None))
     if state.is_main_process:
         atomic_write_json(summary_path(run_dir), summary.to_dict())
         log.info("synthesis done: %d images (%d generated now) in %.1f s, %.3f img/s on %s", summary.images,
@@ -180,7 +183,8 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
     """This process's share; returns its numbers for the summary. No jobs: no model is loaded."""
     dtype = generation_dtype(cfg.dtype, device)
     share = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "generated": 0,
-             "started": 0.0, "finished": 0.0, "batch_size": 0, "compile_seconds": 0.0}
+             "started": 0.0, "finished": 0.0, "batch_size": 0, "compile_seconds": 0.0,
+             "peak_memory_gb": peak_memory_gb(device)}
     if not jobs:
         return share
     pipe = load_diffusion_pipeline(cfg.diffusion_model, device, dtype, scheduler=cfg.scheduler)
@@ -194,6 +198,7 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
                              num_inference_steps=cfg.num_inference_steps, resolution=cfg.image_resolution,
                              batch_size=batch_size, png_writers=cfg.png_writers)
     share["finished"], share["generated"] = time.time(), len(result.written)
+    share["peak_memory_gb"] = peak_memory_gb(device)
     del pipe
     free_device_memory(device)
     return share

@@ -39,7 +39,7 @@ from safetensors import safe_open
 
 from oscar_common.classifier import ARCHITECTURE, build_classifier, classifier_to_bytes
 from oscar_common.config import OscarConfig
-from oscar_common.devices import resolve_device
+from oscar_common.devices import peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
 from oscar_common.image_cache import decode_images, decode_workers
 from oscar_common.recipes import resolve_recipe
@@ -109,6 +109,7 @@ class TrainingSummary:
     processes: int = 1
     devices: list[str] = field(default_factory=list)
     precision: str = "fp32"
+    peak_memory_gb: float | None = None  # GPU memory peak of the first process (image cache included); None off CUDA
 
     stage: str = STAGE
 
@@ -154,6 +155,7 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
         return reuse
 
     # 3. Every image decoded once into a uint8 cache on the training device.
+    reset_peak_memory(device)
     cache_side = recipe.cache_size(cfg.classifier_image_size)
     if state.is_main_process:
         log.info("training ResNet-18 (%s recipe: %d epochs, batch %d, lr %g) on %d synthetic images of %d "
@@ -178,7 +180,7 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
         train_accuracy=stats.train_accuracy, losses=stats.losses, accuracies=stats.accuracies, lrs=stats.lrs,
         seconds=round(time.perf_counter() - started, 3), decode_seconds=round(data.seconds, 3),
         train_seconds=round(stats.seconds, 3), images_per_second=round(stats.images_per_second, 1),
-        processes=stats.processes, devices=devices, precision=stats.precision,
+        processes=stats.processes, devices=devices, precision=stats.precision, peak_memory_gb=peak_memory_gb(device),
     )
     if state.is_main_process:
         metadata = {"recipe": recipe.name, SUMMARY_METADATA: json.dumps(summary.to_dict())}

@@ -19,8 +19,8 @@ from oscar_bench.architectures import build_clip_text_tower
 from oscar_bench.context import Context
 from oscar_bench.project import project_inversion_chunk, project_invert, stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
-from oscar_bench.timing import peak_memory_gb, reset_peak_memory, timed
-from oscar_common.devices import free_device_memory
+from oscar_bench.timing import timed
+from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory
 
 COLUMNS = (Column("run", "name"), Column("targets", "targets"), Column("steps", "steps"),
            Column("check every", "eval_every"), Column("checks", "evals"), Column("seconds", "seconds"),
