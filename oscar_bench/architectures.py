@@ -60,7 +60,7 @@ def sd14_scheduler() -> PNDMScheduler:
                          steps_offset=1)
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer, *, hidden: int, layers: int, heads: int, mlp: int,
+def clip_text_config(tokenizer: CLIPTokenizer, *, hidden: int, layers: int, heads: int, mlp: int,
                       projection: int) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
                           num_hidden_layers=layers, num_attention_heads=heads,
@@ -107,7 +107,7 @@ def build_diffusion(device: torch.device, *, tiny: bool, seed: int = 0) -> Diffu
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 norm_num_groups=32, sample_size=512,
             )
-            text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden=768, layers=12, heads=12,
+            text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=768, layers=12, heads=12,
                                                            mlp=3072, projection=768))
         parts = DiffusionParts(unet, vae, text_encoder, tokenizer, sd14_scheduler())
     for module in (parts.unet, parts.vae, parts.text_encoder):
@@ -130,7 +130,7 @@ def build_clip_text_tower(device: torch.device, *, tiny: bool, seed: int = 0
         model = model.to(device)
     else:
         with torch.device(device):
-            model = CLIPTextModelWithProjection(_clip_text_config(tokenizer, hidden=512, layers=12, heads=8,
+            model = CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden=512, layers=12, heads=8,
                                                                   mlp=2048, projection=512))
     return tokenizer, _frozen(model)
 

@@ -328,7 +328,7 @@ def install_tiny_models(cache_dir: Path, seed: int = 0) -> dict[str, Path]:
     alone. Atomic: each snapshot is built in a temporary folder inside ``cache_dir``, renamed into place,
     and only then published by writing ``refs/main``, so a reader never sees half a model.
     """
-    return _install(Path(cache_dir), TINY_MODELS, seed)
+    return install_models(Path(cache_dir), TINY_MODELS, seed)
 
 
 def offline_hub_env(cache_dir: Path) -> dict[str, str]:
@@ -339,10 +339,14 @@ def offline_hub_env(cache_dir: Path) -> dict[str, str]:
 
 def install_tiny_blip2(cache_dir: Path, seed: int = 0) -> Path:
     """Write the tiny BLIP-2 into a hub cache as ``Salesforce/blip2-flan-t5-xl`` (as install_tiny_models)."""
-    return _install(Path(cache_dir), {BLIP2_ID: save_tiny_blip2}, seed)[BLIP2_ID]
+    return install_models(Path(cache_dir), {BLIP2_ID: save_tiny_blip2}, seed)[BLIP2_ID]
 
 
-def _install(cache_dir: Path, models: dict[str, Callable[[Path, int], Path]], seed: int) -> dict[str, Path]:
+def install_models(cache_dir: Path, models: dict[str, Callable[[Path, int], Path]], seed: int,
+                   note: str = STAND_IN_TEXT) -> dict[str, Path]:
+    """Write each ``save(folder, seed)`` result into the hub cache under its id (see :func:`install_tiny_models`);
+    ``note`` is what the stand-in marker file says (reports quote it)."""
+    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     snapshots: dict[str, Path] = {}
     for model_id, save in models.items():
@@ -359,7 +363,7 @@ def _install(cache_dir: Path, models: dict[str, Callable[[Path, int], Path]], se
         try:
             save(tmp / "snapshot", seed)
             # Read by oscar_common.models.stand_in_note: reports say when their models were these stand-ins.
-            (tmp / "snapshot" / STAND_IN_MARKER).write_text(STAND_IN_TEXT + "\n")
+            (tmp / "snapshot" / STAND_IN_MARKER).write_text(note + "\n")
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(tmp / "snapshot", snapshot)
@@ -371,7 +375,7 @@ def _install(cache_dir: Path, models: dict[str, Callable[[Path, int], Path]], se
             os.replace(tmp / "main", repo / "refs" / "main")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("installed tiny %s at %s", model_id, snapshot)
+        log.info("installed %s at %s", model_id, snapshot)
         snapshots[model_id] = snapshot
     return snapshots
 
