@@ -71,7 +71,7 @@ def identify(msg: Message, context: Context) -> Message:
 def _upload(msg: Message, context: Context) -> Message:
     # Imported here: the captioning stack (transformers, ...) is what a train message needs, not the others.
     from oscar_client.preview import check_preview_approval
-    from oscar_client.upload import prepare_upload, write_local_summary
+    from oscar_client.upload import prepare_upload, record_release, write_local_summary
 
     started = time.monotonic()
     instruction = TrainInstruction.from_record(instruction_record(msg.content))
@@ -81,6 +81,7 @@ def _upload(msg: Message, context: Context) -> Message:
     if policy.require_preview_approval:
         check_preview_approval(node, instruction, prepared.digest)
     summary = write_local_summary(node, prepared)
+    record_release(node, prepared, policy)  # from here on the upload counts as released (oscar_client.ledger)
     upload = prepared.upload
     log.info("client %s: uploading %d rows of shape %s (%s) after %.1fs; what stays here: %s", node.name,
              len(upload.class_ids), list(upload.means.shape[1:]),

@@ -8,7 +8,8 @@
 | ``share-counts`` | ``true`` | ``false`` refuses to send label counts even when the run asks for them (``share-counts``) |
 | ``dp-epsilon`` | ``0`` (off) | differential privacy on the means with this epsilon; the server may require at most some epsilon, and the client uses the smaller of the two |
 | ``dp-delta`` | ``1e-5`` | the delta of (epsilon, delta)-DP |
-| ``dp-clip-norm`` | ``1.0`` | each caption embedding is clipped to this L2 norm (CLIP's are unit vectors: nothing is clipped) |
+| ``dp-clip-norm`` | ``1.0`` (``pooled``) | each caption embedding (``tokens``: its departure from the empty prompt's) is clipped to this L2 norm; CLIP's pooled embeddings are unit vectors, so 1 clips nothing. ``tokens`` with DP has no default: choose it from public data (README "Privacy") |
+| ``dp-budget`` | ``0`` (none) | refuse a release that would take this data dir's composed epsilon (``<output-dir>/privacy/ledger.json``) past this |
 | ``caption-cache`` | ``true`` | reuse captions of unchanged images from ``<output-dir>/caption-cache`` |
 | ``require-preview-approval`` | ``false`` | refuse to upload until ``oscar-preview`` has shown this very upload (README "Privacy") |
 | ``loader-workers`` | ``-1`` (auto) | DataLoader workers that decode images while the captioner runs |
@@ -29,7 +30,8 @@ class ClientPolicy:
     share_counts: bool = True
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
-    dp_clip_norm: float = 1.0
+    dp_clip_norm: float | None = None  # None: not set (1.0 for pooled; tokens + DP refuses, see clip_norm)
+    dp_budget: float = 0.0  # 0: no limit on the ledger's composed epsilon
     caption_cache: bool = True
     require_preview_approval: bool = False
     loader_workers: int = -1
@@ -47,13 +49,16 @@ class ClientPolicy:
             share_counts=flag("share-counts", True),
             dp_epsilon=number("dp-epsilon", float, 0.0),
             dp_delta=number("dp-delta", float, 1e-5),
-            dp_clip_norm=number("dp-clip-norm", float, 1.0),
+            dp_clip_norm=number("dp-clip-norm", float, 0.0) if "dp-clip-norm" in node_config else None,
+            dp_budget=number("dp-budget", float, 0.0),
             caption_cache=flag("caption-cache", True),
             require_preview_approval=flag("require-preview-approval", False),
             loader_workers=number("loader-workers", int, -1),
         )
-        if policy.min_images_per_class < 0 or policy.dp_epsilon < 0 or policy.dp_clip_norm <= 0:
-            raise ValueError("node config: min-images-per-class and dp-epsilon must be >= 0, dp-clip-norm > 0")
+        if policy.min_images_per_class < 0 or policy.dp_epsilon < 0 or policy.dp_budget < 0:
+            raise ValueError("node config: min-images-per-class, dp-epsilon and dp-budget must be >= 0")
+        if policy.dp_clip_norm is not None and not 0 < policy.dp_clip_norm < float("inf"):
+            raise ValueError(f"node config: dp-clip-norm must be a finite number > 0, got {policy.dp_clip_norm}")
         if not 0 < policy.dp_delta < 1:
             raise ValueError(f"node config: dp-delta must be in (0, 1), got {policy.dp_delta}")
         return policy
@@ -67,6 +72,23 @@ class ClientPolicy:
         if instruction.dp_max_epsilon > 0:
             return min(self.dp_epsilon, instruction.dp_max_epsilon) if self.dp_epsilon > 0 else instruction.dp_max_epsilon
         return self.dp_epsilon
+
+    def clip_norm(self, instruction: TrainInstruction) -> float:
+        """The clip norm C of a DP release: the node config's, else 1 for ``pooled`` (unit vectors).
+
+        ``tokens`` has no safe default: a caption's departure from the empty prompt is far longer than 1, so
+        C = 1 would shrink every caption to a unit vector and the noise (sigma times ~243 in norm for
+        77 x 768) would drown it.
+        """
+        if self.dp_clip_norm is not None:
+            return self.dp_clip_norm
+        if instruction.scheme == "tokens":
+            raise ValueError(
+                "node config: dp-clip-norm is not set, and this run uses differential privacy with scheme 'tokens': "
+                "the default 1.0 is for pooled (unit) embeddings and would shrink each caption's departure from "
+                "the empty prompt to nothing. Set dp-clip-norm to the typical departure norm of public captions "
+                "through the same encoder (`python -m oscar_client.clip_norm`, README \"Privacy\")")
+        return 1.0
 
     def shares_counts(self, instruction: TrainInstruction) -> bool:
         return instruction.share_counts and self.share_counts

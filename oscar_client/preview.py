@@ -15,6 +15,10 @@ writes ``<output-dir>/preview/``:
 * ``preview.json``: the digest of the upload it shows. With ``require-preview-approval = true`` in the
   node config, the client uploads only when this digest matches what it is about to send.
 
+Both ``preview.md`` and ``preview.json`` show the privacy ledger (``oscar_client.ledger``): this data's
+earlier releases and their composed epsilon, before and after this upload. A preview is not a release: only
+the upload is recorded.
+
 The run settings come from ``--run-config`` (the TOML or ``key=value`` pairs the server runs with) or from
 ``--instruction``: a client that refused for want of a preview saved the server's instruction to
 ``<output-dir>/preview/instruction.json``, which is the default.
@@ -116,6 +120,7 @@ def build_preview(node: NodeSettings, instruction: TrainInstruction, policy: Cli
     folder = preview_dir(node)
     result = {"client": node.name, "upload_digest": prepared.digest, "scheme": instruction.scheme,
               "differential_privacy": None if upload.dp is None else upload.dp.as_dict(),
+              "privacy_ledger": prepared.local_summary["privacy_ledger"],
               "classes": rows, "generated_images": sum(len(v) for v in images.values()),
               "seconds": round(time.monotonic() - started, 1), "instruction": _instruction_json(instruction)}
     atomic_write_bytes(folder / "preview.md", _markdown(result).encode())
@@ -167,6 +172,7 @@ def _markdown(result: dict[str, Any]) -> str:
              f"Scheme `{result['scheme']}`; " + (f"differential privacy with epsilon {dp['epsilon']:g}, delta "
                                                  f"{dp['delta']:g} (noise sigma {dp['sigma']:.4g})" if dp else
                                                  "no differential privacy: the means are exact"), "",
+             _ledger_line(result["privacy_ledger"]), "",
              f"Upload digest `{result['upload_digest']}` (the upload is approved only while it matches).", "",
              "| class | decoded prompt | cosine | your nearest caption | similarity |", "|---|---|---:|---|---:|"]
     for r in result["classes"]:
@@ -177,6 +183,17 @@ def _markdown(result: dict[str, Any]) -> str:
     lines += ["", "A cosine near 1 means the server's decoded prompt says what your captions say; the nearest "
               "caption shows which of your images the upload is closest to (preview.png shows it).", ""]
     return "\n".join(lines)
+
+
+def _ledger_line(ledger: dict[str, Any]) -> str:
+    budget = f", budget {ledger['budget']:g}" if ledger["budget"] else ", no dp-budget set"
+    return (f"Privacy ledger (`{ledger['ledger']}`): {ledger['releases_before']} earlier releases of this data, "
+            f"composed epsilon {_epsilon(ledger['epsilon_before'])}; this upload is {ledger['this_release']} and "
+            f"makes it {_epsilon(ledger['epsilon_after'])} (at delta {ledger['delta']:g}{budget}).")
+
+
+def _epsilon(value: float | str) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _picture(rows: list[dict[str, Any]], images: dict[int, list[Image.Image]], cell: int = 128) -> bytes:

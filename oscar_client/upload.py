@@ -4,6 +4,7 @@ Local images -> captions -> embeddings -> per-class rows (the mean, or k prototy
 differential privacy -> :class:`oscar_common.wire.Upload`. What the upload leaves out (label counts,
 unreadable images, folder names outside the federation) is written to the client's own output dir
 (``upload-summary.json``) and log, never sent unless the run asks for counts and the client agrees.
+Every upload is checked against, and once sent recorded in, the privacy ledger (``oscar_client.ledger``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from oscar_client.caption_cache import CaptionCache
 from oscar_client.encoder import EncodedClient, encode_client
+from oscar_client.ledger import PrivacyLedger, Release
 from oscar_client.policy import ClientPolicy
-from oscar_client.privacy import keyed_generator, privatize_class_means
+from oscar_client.privacy import keyed_generator, privatize_class_means, release_id
 from oscar_client.prototypes import class_prototypes
 from oscar_common.devices import resolve_device, resolve_dtype
 from oscar_common.files import atomic_write_bytes, atomic_write_json
@@ -38,6 +40,7 @@ class PreparedUpload:
     encoded: EncodedClient
     digest: str  # of the data and settings this upload releases: a preview approves this value
     local_summary: dict[str, Any]  # what stays on the client
+    release: Release  # what the privacy ledger records once the upload is sent (record_release)
 
 
 def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: ClientPolicy, *,
@@ -54,12 +57,14 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
     if epsilon > 0 and prototypes > 1:
         raise ValueError("differential privacy cannot be combined with prototypes-per-class > 1 (k-means makes one "
                          "image move several prototypes): the server must use prototypes-per-class = 1")
+    clip_norm = policy.clip_norm(instruction) if epsilon > 0 else None  # tokens + DP needs an explicit one
     # encode_client keys the cache by the captioner's settings; it lives in the client's output dir
     with CaptionCache.open(node.output_dir / "caption-cache") if policy.caption_cache else nullcontext() as cache:
         encoded = encode_client(
             train, class_names, scheme=instruction.scheme, captioner_id=instruction.captioner,
             encoder_id=instruction.encoder_id, device=device, dtype=dtype, batch_size=instruction.caption_batch_size,
-            max_new_tokens=instruction.caption_max_tokens, num_workers=policy.loader_workers, cache=cache,
+            max_new_tokens=instruction.caption_max_tokens, blip2_prompt=instruction.blip2_prompt,
+            num_workers=policy.loader_workers, cache=cache,
             keep_embeddings=keep_embeddings or epsilon > 0 or prototypes > 1,
         )
     if not encoded.captions:
@@ -72,7 +77,19 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
         raise ValueError(f"client {node.name}: no class has {min_images} training images "
                          f"(min-images-per-class); largest has {max(by_class.values(), default=0)}")
     data = caption_digest(encoded, kept)
-    class_ids, means, counts, dp = _rows(encoded, kept, instruction, policy, node, min_images, epsilon, data)
+    # DP noise is keyed on the client's secret, the data and these parameters; so is the release's name.
+    noise = None if clip_norm is None else (_noise_key(node.output_dir), {
+        "epsilon": epsilon, "delta": policy.dp_delta, "clip_norm": clip_norm, "min_images": min_images,
+        "scheme": instruction.scheme, "encoder": instruction.encoder_id})
+    class_ids, means, counts, dp = _rows(encoded, kept, instruction, min_images, data, noise)
+    digest = approval_digest(instruction, policy, data)
+    release = Release.now(
+        release=digest if noise is None else release_id(noise[0], data=data, parameters=noise[1]),
+        client=node.name, data_dir=str(node.data_dir), scheme=instruction.scheme, classes=len(kept),
+        **({} if dp is None else {"epsilon": dp.epsilon, "delta": dp.delta, "sigma": dp.sigma,
+                                  "sensitivity": dp.sensitivity}))
+    ledger = PrivacyLedger.load(node.output_dir)
+    ledger.check_budget(release, policy.dp_delta, policy.dp_budget)
 
     shares = policy.shares_counts(instruction)
     upload = Upload(
@@ -95,7 +112,8 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
         "shared_counts": shares,
         "differential_privacy": None if dp is None else dp.as_dict(),
         "prototypes_per_class": prototypes,
-        "upload_digest": approval_digest(instruction, policy, data),
+        "upload_digest": digest,
+        "privacy_ledger": ledger.view(release, policy.dp_delta, policy.dp_budget),
     }
     if dropped:
         log.info("client %s: %d classes have fewer than %d images and stay here: %s", node.name, len(dropped),
@@ -103,30 +121,28 @@ def prepare_upload(node: NodeSettings, instruction: TrainInstruction, policy: Cl
     if unknown_folders:
         log.info("client %s: %d folders are not classes of this federation and stay here: %s", node.name,
                  len(unknown_folders), ", ".join(unknown_folders[:10]))
-    return PreparedUpload(upload=upload, encoded=encoded, digest=summary["upload_digest"], local_summary=summary)
+    return PreparedUpload(upload=upload, encoded=encoded, digest=digest, local_summary=summary, release=release)
 
 
-def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction, policy: ClientPolicy,
-          node: NodeSettings, min_images: int, epsilon: float, data: bytes
+def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction, min_images: int, data: bytes,
+          noise: tuple[bytes, dict[str, Any]] | None
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, DpRecord | None]:
-    """(class_ids, means, counts, dp) of the kept classes: one mean per class, or k prototypes, or DP means."""
+    """(class_ids, means, counts, dp) of the kept classes: one mean per class, or k prototypes, or DP means
+    (``noise``: the key and parameters of the DP release)."""
     index = {int(c): i for i, c in enumerate(encoded.class_ids)}
-    if epsilon <= 0 and instruction.prototypes_per_class == 1:
+    if noise is None and instruction.prototypes_per_class == 1:
         rows = [index[c] for c in kept]
         return (np.asarray(kept, dtype=np.int64), encoded.means[rows].astype(np.float32),
                 encoded.counts[rows].astype(np.int64), None)
     per_class = {c: encoded.embeddings[encoded.labels == c] for c in kept}
-    if epsilon > 0:
+    if noise is not None:
         # pooled: no centre (CLIP embeddings are unit vectors); tokens: the empty prompt's states, so that
         # clipping acts on a caption's departure from them rather than shrinking everything
-        center = encoded.empty_prompt
-        key = _noise_key(node.output_dir)
-        parameters = {"epsilon": epsilon, "delta": policy.dp_delta, "clip_norm": policy.dp_clip_norm,
-                      "min_images": min_images, "scheme": instruction.scheme, "encoder": instruction.encoder_id}
+        key, parameters = noise
         rng = keyed_generator(key, data=data, parameters=parameters)
-        means, record = privatize_class_means([per_class[c] for c in kept], epsilon=epsilon, delta=policy.dp_delta,
-                                              clip_norm=policy.dp_clip_norm, min_images=min_images, rng=rng,
-                                              center=center)
+        means, record = privatize_class_means([per_class[c] for c in kept], epsilon=parameters["epsilon"],
+                                              delta=parameters["delta"], clip_norm=parameters["clip_norm"],
+                                              min_images=min_images, rng=rng, center=encoded.empty_prompt)
         counts = np.asarray([len(per_class[c]) for c in kept], dtype=np.int64)
         return np.asarray(kept, dtype=np.int64), means.astype(np.float32), counts, record
     ids, means, counts = [], [], []
@@ -142,7 +158,9 @@ def _rows(encoded: EncodedClient, kept: list[int], instruction: TrainInstruction
 
 def _noise_key(output_dir: Path) -> bytes:
     """A secret that never leaves this client: DP noise derives from it, so the server cannot predict it,
-    and the same data under the same settings gets the same noise (a retry or a preview costs no epsilon)."""
+    and the same data under the same settings gets the same noise (a retry or a preview costs no epsilon).
+    The guarantee rests on it staying secret: with it and a guess of the data, the noise of every release
+    made with it can be recomputed and removed (README "Privacy": the key, and rotating it)."""
     path = output_dir / "privacy" / "noise.key"
     if not path.exists():
         atomic_write_bytes(path, secrets.token_bytes(32))
@@ -181,4 +199,11 @@ def write_local_summary(node: NodeSettings, prepared: PreparedUpload) -> Path:
     path = node.output_dir / "upload-summary.json"
     atomic_write_json(path, prepared.local_summary)
     return path
+
+
+def record_release(node: NodeSettings, prepared: PreparedUpload, policy: ClientPolicy) -> Path:
+    """Write the upload into the privacy ledger: call it when the upload is sent (a preview is not a release)."""
+    ledger = PrivacyLedger.load(node.output_dir)  # read again: the ledger as it is now, not at prepare time
+    ledger.record(prepared.release, policy.dp_delta)
+    return ledger.path
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
 
+from oscar_client import client_app
 from oscar_client.policy import ClientPolicy
-from oscar_client.preview import PreviewRequired, check_preview_approval
-from oscar_client.privacy import clipped_mean, gaussian_sigma
-from oscar_client.upload import prepare_upload
+from oscar_client.preview import PreviewRequired, build_preview, check_preview_approval
+from oscar_client.privacy import clipped_mean, gaussian_epsilon, gaussian_sigma
+from oscar_client.upload import prepare_upload, record_release
 from oscar_common.config import OscarConfig
 from oscar_common.node_settings import NodeSettings
 from oscar_common.text_encoding import encode_tokens
-from oscar_common.wire import UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY
+from oscar_common.wire import FAILURE_KEY, UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, train_content
 from oscar_demo.demo_data import DIGIT_NAMES
 
 
@@ -30,7 +34,7 @@ def node(tmp_path: Path, demo_clients: dict[str, Path], tiny_hub: Path, monkeypa
 
 
 def _instruction(**overrides):
-    return OscarConfig(class_names=DIGIT_NAMES, min_images_per_class=2, **overrides).train_instruction()
+    return OscarConfig(**{"class_names": DIGIT_NAMES, "min_images_per_class": 2, **overrides}).train_instruction()
 
 
 def test_the_default_message_carries_ids_and_means_only(node: NodeSettings) -> None:
@@ -112,3 +116,95 @@ def test_an_upload_waits_for_a_preview_of_this_very_data(node: NodeSettings) -> 
     other = prepare_upload(node, _instruction(seed=1), ClientPolicy())
     with pytest.raises(PreviewRequired, match="the preview shows other data or settings"):
         check_preview_approval(node, _instruction(seed=1), other.digest)
+
+
+def test_dp_with_prototypes_is_refused_by_the_client_before_any_captioning(node: NodeSettings) -> None:
+    instruction = _instruction(prototypes_per_class=2)  # a server that does not require DP may ask for k = 2
+    with pytest.raises(ValueError, match=r"differential privacy cannot be combined with prototypes-per-class > 1"):
+        prepare_upload(node, instruction, ClientPolicy(dp_epsilon=1.0))
+    assert not (node.output_dir / "caption-cache").exists()  # refused before any image was captioned
+
+
+def test_dp_tokens_without_an_explicit_clip_norm_is_refused_before_any_captioning(node: NodeSettings) -> None:
+    # DP from the client's own epsilon, or from the server's dp-max-epsilon: either way C = 1 would be wrong
+    for policy, server_epsilon in ((ClientPolicy(dp_epsilon=4.0), 0.0), (ClientPolicy(), 4.0)):
+        with pytest.raises(ValueError, match=r"node config: dp-clip-norm is not set, and this run uses differential "
+                                             r"privacy with scheme 'tokens'.*python -m oscar_client.clip_norm"):
+            prepare_upload(node, _instruction(scheme="tokens", dp_max_epsilon=server_epsilon), policy)
+    assert not (node.output_dir / "caption-cache").exists()
+
+
+def _client_app_upload(node: NodeSettings, instruction, node_config: dict, monkeypatch: pytest.MonkeyPatch):
+    """What the ClientApp replies to a train message, with this node config."""
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a Flower process has, for creating messages
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=60, message_type="train")
+    message = Message(metadata=metadata, content=train_content(instruction))
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                      node_config={"data-dir": str(node.data_dir), "output-dir": str(node.output_dir),
+                                   "device": "cpu", **node_config})
+    return client_app.train(message, context).content
+
+
+def test_the_ledger_counts_each_release_once_and_refuses_one_past_the_budget(
+        node: NodeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    node_config = {"dp-epsilon": 1.0, "dp-budget": 1.5}
+    ledger = node.output_dir / "privacy" / "ledger.json"
+
+    def upload(**overrides) -> float:
+        """The noise multiplier sigma / sensitivity of the release the ClientApp sends."""
+        content = _client_app_upload(node, _instruction(**overrides), node_config, monkeypatch)
+        assert FAILURE_KEY not in content.config_records, content.config_records.get(FAILURE_KEY)
+        meta = content.config_records[UPLOAD_META_KEY]
+        return meta["dp-sigma"] / meta["dp-sensitivity"]
+
+    first = upload()  # n_pub 2
+    upload()  # the same data, key and parameters: the same noise, not a new release
+    assert len(json.loads(ledger.read_text())["releases"]) == 1
+    summary = json.loads((node.output_dir / "upload-summary.json").read_text())["privacy_ledger"]
+    assert summary["releases_before"] == 1 and summary["this_release"].startswith("a repeat")
+    assert summary["epsilon_after"] == pytest.approx(1.0, rel=1e-9) and summary["budget"] == 1.5
+
+    second = upload(min_images_per_class=3)  # the server changed min-images-per-class: fresh noise, same images
+    written = json.loads(ledger.read_text())
+    assert len(written["releases"]) == 2
+    z = (first ** -2 + second ** -2) ** -0.5  # Gaussians compose into one Gaussian (test_ledger.py)
+    assert written["total"]["epsilon"] == pytest.approx(gaussian_epsilon(z, 1e-5, 1.0), rel=1e-5)
+    assert 1.0 < written["total"]["epsilon"] < 1.5
+
+    refused = _client_app_upload(node, _instruction(seed=1), node_config, monkeypatch)  # a new split: a third
+    reason = refused.config_records[FAILURE_KEY]["reason"]
+    assert reason.startswith("ValueError: node config dp-budget=1.5 (at dp-delta 1e-05) refuses this release: "
+                             f"2 earlier releases add up to epsilon {written['total']['epsilon']:.4g}, and this one "
+                             "(epsilon 1) brings the total to ")
+    assert len(json.loads(ledger.read_text())["releases"]) == 2  # a refused release is not recorded
+
+
+def test_the_noise_key_is_private_to_its_owner_and_rotating_it_makes_a_new_release(node: NodeSettings) -> None:
+    policy = ClientPolicy(dp_epsilon=2.0)
+    before = prepare_upload(node, _instruction(), policy)
+    key = node.output_dir / "privacy" / "noise.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    record_release(node, before, policy)
+    key.unlink()  # rotation: a new key is made on the next upload
+    after = prepare_upload(node, _instruction(), policy)
+    assert not np.allclose(after.upload.means, before.upload.means)  # fresh noise on the same data...
+    assert after.local_summary["privacy_ledger"]["this_release"] == "new"  # ...counted as a new release
+    assert after.local_summary["privacy_ledger"]["epsilon_after"] > 2.0
+
+
+def test_the_preview_shows_the_ledger_and_is_not_a_release(node: NodeSettings) -> None:
+    policy = ClientPolicy(dp_epsilon=2.0, dp_budget=5.0)
+    record_release(node, prepare_upload(node, _instruction(), policy), policy)  # one earlier release
+    result = build_preview(node, _instruction(seed=1), policy, inversion_tokens=2, inversion_steps=1,
+                           inversion_lr=0.1, prompt_template="{class_name}, {prompt}", images_per_class=0,
+                           guidance_scale=7.5, num_inference_steps=1, diffusion_model=None)
+    shown = result["privacy_ledger"]
+    assert (shown["releases_before"], shown["this_release"], shown["budget"]) == (1, "new", 5.0)
+    assert shown["epsilon_before"] == pytest.approx(2.0, rel=1e-9) and 2.0 < shown["epsilon_after"] < 4.0
+    markdown = (node.output_dir / "preview" / "preview.md").read_text()
+    assert (f"1 earlier releases of this data, composed epsilon 2; this upload is new and makes it "
+            f"{shown['epsilon_after']:.4g} (at delta 1e-05, budget 5)") in markdown
+    ledger = json.loads((node.output_dir / "privacy" / "ledger.json").read_text())
+    assert len(ledger["releases"]) == 1  # the preview released nothing
