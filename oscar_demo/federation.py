@@ -232,7 +232,11 @@ class LocalFederation:
 
     def server_app_pids(self) -> list[int]:
         """PIDs of the ServerApp processes the SuperLink started (to simulate a server crash)."""
-        return [pid for pid in descendants(self.processes["superlink"].pid) if _is_server_app(pid)]
+        return [pid for pid in descendants(self.processes["superlink"].pid) if _runs(pid, b"flwr-serverapp")]
+
+    def client_app_pids(self, client: str) -> list[int]:
+        """PIDs of the ClientApp processes a client's SuperNode started: it has received a message."""
+        return [pid for pid in descendants(self.processes[f"supernode-{client}"].pid) if _runs(pid, b"flwr-clientapp")]
 
     def _pump(self, proc: subprocess.Popen, log_path: Path) -> None:
         assert proc.stdout is not None
@@ -310,9 +314,9 @@ def is_running(pid: int) -> bool:
         return False
 
 
-def _is_server_app(pid: int) -> bool:
+def _runs(pid: int, program: bytes) -> bool:
     try:
-        return b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return program in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

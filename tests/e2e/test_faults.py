@@ -18,20 +18,9 @@ import pytest
 
 from e2e_support import hub_env
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, descendants, wait_until
+from oscar_demo.federation import ClientSpec, LocalFederation, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _client_app_running(federation: LocalFederation, node: str) -> bool:
-    """The SuperNode has started a ClientApp process: it received the train message."""
-    for pid in descendants(federation.processes[f"supernode-{node}"].pid):
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _kill_supernode(federation: LocalFederation, node: str) -> None:
@@ -53,7 +42,7 @@ def test_killed_supernodes_do_not_stop_the_run(tmp_path: Path, tiny_hub: Path,
     with LocalFederation(tmp_path, [ClientSpec(n, demo_clients[n]) for n in names], env=env,
                          stream=False) as federation:
         submission = federation.submit(run_config)
-        wait_until(lambda: _client_app_running(federation, dies_mid_round), "the train message to arrive", 300)
+        wait_until(lambda: federation.client_app_pids(dies_mid_round), "the train message to arrive", 300)
         _kill_supernode(federation, dies_mid_round)
         killed = time.monotonic()
         wait_until(lambda: (payloads / f"{dies_after_upload}.safetensors").exists(), "the second upload", 300)

@@ -1,4 +1,5 @@
-"""A server killed (SIGKILL) during synthesis and again during training resumes without new uploads.
+"""A server killed (SIGKILL) during the upload round runs the round again; killed during synthesis and
+again during training, it resumes without new uploads.
 
 The final synthetic set must equal an uninterrupted synthesis from the same uploads and seed: same file
 names, each image within 1/255 per pixel of its twin (a resumed run generates the remaining images in
@@ -20,7 +21,7 @@ from PIL import Image
 from e2e_support import hub_env
 from oscar_common.config import OscarConfig
 from oscar_demo.demo import demo_run_config
-from oscar_demo.federation import ClientSpec, LocalFederation, wait_until
+from oscar_demo.federation import ClientSpec, LocalFederation, descendants, signal_pids, wait_until
 from oscar_server.run_dir import RunDirectory
 from oscar_server.synthesize import synthesize_run
 
@@ -44,9 +45,9 @@ def _kill_server_app(federation: LocalFederation) -> None:
     wait_until(lambda: not federation.server_app_pids(), "the ServerApp to die", 30)
 
 
-def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub: Path,
-                                                        demo_clients: dict[str, Path],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_during_upload_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub: Path,
+                                                               demo_clients: dict[str, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     clients = [ClientSpec(name, path) for name, path in sorted(demo_clients.items())[:2]]
     run_config = demo_run_config(tmp_path / "runs", "crashy", **{
         "images-per-class": IMAGES_PER_CLASS, "num-inference-steps": 20, "generation-batch-size": 4,
@@ -56,15 +57,36 @@ def test_kill_during_synthesis_and_training_then_resume(tmp_path: Path, tiny_hub
     expected = len(clients) * 10 * IMAGES_PER_CLASS
     env = hub_env(tiny_hub)
 
+    uploader, held = (client.name for client in clients)
+    upload = run_dir.payloads_dir / f"{uploader}.safetensors"
+
     with LocalFederation(tmp_path, clients, env=env, stream=False) as federation:
-        # 1. killed in the middle of synthesis
+        # 0. killed in the upload round, after one upload was saved: the other client's ClientApp is held
+        #    (SIGSTOP, with its data loaders) until the ServerApp is dead, so the round cannot have ended
+        zeroth = federation.submit(run_config)
+        wait_until(lambda: federation.client_app_pids(held), f"the train message to reach {held}", 300)
+        stopped = {pid for app in federation.client_app_pids(held) for pid in (app, *descendants(app))}
+        signal_pids(stopped, signal.SIGSTOP)
+        try:
+            _until(upload.exists, f"{uploader}'s upload", run_dir.report_json)
+            _kill_server_app(federation)
+        finally:
+            signal_pids(stopped, signal.SIGCONT)  # it finishes its upload to the dead run
+        federation.cancel(zeroth)
+        assert not run_dir.uploads_path.exists()
+        saved_upload = upload.stat().st_mtime_ns
+
+        # 1. submitted again: the upload round is run again; killed in the middle of synthesis
         first = federation.submit(run_config)
         _until(lambda: 4 <= len(list(synthetic.rglob("*.png"))) < expected, "synthesis to be under way",
                run_dir.report_json)
         _kill_server_app(federation)
         federation.cancel(first)
         before = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.png")}
-        assert run_dir.uploads_path.exists() and not run_dir.report_json.exists()
+        assert not run_dir.report_json.exists()
+        accepted = json.loads(run_dir.uploads_path.read_text())["accepted"]
+        assert sorted(a["client_name"] for a in accepted) == [uploader, held]
+        assert upload.stat().st_mtime_ns != saved_upload, f"{uploader} was not asked to upload again"
         assert 0 < len(before) < expected
 
         # 2. resumed, then killed in the middle of training (after at least one checkpointed epoch)
