@@ -29,10 +29,12 @@ against a mean of norm <= 1; n_pub = 100 brings it to ~1.7.
 
 Choosing C. Pooled CLIP embeddings are unit vectors, so C = 1 with no center clips nothing. ``tokens``
 embeddings (``[77, H]`` hidden states after a LayerNorm) are far longer than 1, and clipping them to 1
-would shrink them to nothing: there, take as center a public encoding (e.g. the empty prompt's, which the
-server can send) and C near the typical norm of ``x - center``. Noise grows with C, so a good center pays.
+would shrink them to nothing: there the center is the empty prompt's encoding (public) and C must be set
+explicitly (``ClientPolicy.clip_norm`` refuses otherwise), near the typical norm of ``x - center`` on
+public captions (``oscar_client.clip_norm``). Noise grows with C, so a good center pays.
 
-Calibration. sigma comes from the analytic Gaussian mechanism (Balle & Wang, ICML 2018, arXiv 1805.06530,
+Calibration (``oscar_common.dp_calibration``, shared with the server, which checks a declared record
+with it). sigma comes from the analytic Gaussian mechanism (Balle & Wang, ICML 2018, arXiv 1805.06530,
 Thm. 8): the smallest sigma for which the Gaussian mechanism of sensitivity Delta is (epsilon, delta)-DP,
 computed by Google's ``dp-accounting`` (``get_sigma_gaussian`` / ``get_epsilon_gaussian``). It is exact for
 every epsilon, unlike the classic ``sqrt(2 ln(1.25/delta)) * Delta / epsilon`` (Dwork & Roth 2014,
@@ -44,13 +46,16 @@ disjoint parts of the data (parallel composition): the client's guarantee is the
 label. It does NOT hold for k-means prototypes (see ``prototypes.py``): which cluster an image falls in
 depends on the other images, so one replaced image can move many others between clusters and shift a
 prototype by far more than 2C/min_size. Do not combine DP with more than one prototype per class.
-Releasing again with fresh noise composes (at worst the epsilons add up); ``keyed_generator`` makes a
-repeated upload of the same data under the same parameters repeat the same noise, so a retry costs nothing.
+Releasing again with fresh noise composes; ``keyed_generator`` makes a repeated upload of the same data
+under the same parameters repeat the same noise, so a retry costs nothing, and ``oscar_client.ledger``
+composes the distinct releases of a client's data (``release_id`` names each by its noise).
 
 Assumptions: ``center`` and all parameters are fixed without looking at the client's data; the noise is
 secret (never seed it from anything the server knows: use ``keyed_generator`` with a key that stays on the
-client, or ``np.random.default_rng()``); floating-point sampling from numpy's PCG64 is the usual practical
-approximation of exact Gaussian noise (as in Opacus without its secure mode).
+client, or ``np.random.default_rng()``); with ``keyed_generator`` the guarantee rests on the key, whose
+holder can recompute the noise of a guessed data set for every release made with it (docs/privacy.md);
+floating-point sampling from numpy's PCG64 is the usual practical approximation of exact Gaussian noise (as
+in Opacus without its secure mode).
 """
 
 from __future__ import annotations
