@@ -190,9 +190,12 @@ def reserve_local_port(host: str, first: int, tries: int = 100) -> int:
 def claim_port(host: str, port: int) -> int | None:
     """This user's lock on ``host:port``, held as long as this process and what it ``exec``s live (the
     descriptor is returned); None when another process holds it."""
-    locks = Path(tempfile.gettempdir()) / f"oscar-supernode-ports-{os.getuid()}"
-    locks.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(locks / f"{host}-{port}.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    path = Path(tempfile.gettempdir()) / f"oscar-supernode-ports-{os.getuid()}" / f"{host}-{port}.lock"
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise LaunchError(f"cannot make the port lock {path} ({err.strerror}): pass --port") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -310,7 +313,10 @@ def supernode_main(argv: list[str] | None = None) -> None:
     root = args.root_certificates.resolve() if args.root_certificates else None
     if args.port is not None:
         port = args.port
-        claim_port(args.runtime_host, port)  # so that a launcher choosing its own port passes this one by
+        try:
+            claim_port(args.runtime_host, port)  # so that a launcher choosing its own port passes this one by
+        except LaunchError:
+            pass  # the port was chosen by hand: the claim is a courtesy to other launchers
     else:
         port = reserve_local_port(args.runtime_host, SUPERNODE_PORT)
     command = supernode_command(args.superlink, root, args.auth_key.resolve() if args.auth_key else None,
