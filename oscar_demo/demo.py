@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheme", choices=("pooled", "tokens"), default="pooled")
     parser.add_argument("--per-class", type=int, default=40, help="demo images per class per client")
     parser.add_argument("--quiet", action="store_true", help="do not stream the federation's logs")
+    parser.add_argument("--device", default=None,
+                        help="where the server's stages and the clients' models run: cpu, cuda or auto (CUDA when "
+                             "present); by default the server's on the CPU and the clients' on auto")
     args = parser.parse_args(argv)
     setup_logging()
     # `kill <pid>` and Ctrl-C both unwind through LocalFederation.__exit__, which stops every process.
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     clients, env = prepare(workdir, args.per_class)
     prepared = time.monotonic() - started
     run_name = f"demo-{args.scheme}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_config = demo_run_config(workdir / "runs", run_name, scheme=args.scheme)
-    specs = [ClientSpec(name, path) for name, path in clients.items()]
+    run_config = demo_run_config(workdir / "runs", run_name, scheme=args.scheme, device=args.device or "cpu")
+    node_config = {"device": args.device} if args.device else {}
+    specs = [ClientSpec(name, path, node_config) for name, path in clients.items()]
     with LocalFederation(workdir, specs, env=env, stream=not args.quiet) as federation:
         report_path = federation.run(run_config)
     report = json.loads(report_path.read_text())
