@@ -14,9 +14,11 @@ An image that cannot be read or decoded is skipped with its reason, never a cras
 
 Captioners: BLIP (unconditional, as the paper) and BLIP-2 (what the official OSCAR code runs). BLIP-2's
 language model sees the image through ``num_query_tokens`` ``<image>`` placeholder tokens followed by a
-text prompt; we give it the empty prompt, LAVIS' ``Blip2T5`` default (its FlanT5 encoder then sees the
-query outputs and ``</s>``). The official OSCAR code samples (nucleus); we decode as the checkpoint's
-generation config says (greedy for BLIP-base), with ``max_new_tokens`` on top.
+text prompt: the run's ``blip2-prompt``, by default ``"a photo of"``, the prompt of the model type the
+official code loads (LAVIS ``caption_coco_flant5xl``; its FlanT5 encoder then sees the query outputs and
+"a photo of</s>"). The caption is what the language model writes after the prompt. The official OSCAR
+code samples (nucleus); we decode as the checkpoint's generation config says (greedy for BLIP-base), with
+``max_new_tokens`` on top.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from oscar_client.caption_cache import CaptionCache, file_digests
 from oscar_common.data import UNREADABLE, open_rgb
 from oscar_common.devices import free_device_memory
+from oscar_common.models import captioner_type
 from oscar_common.logs import progress
 
 log = logging.getLogger(__name__)
 
-PROMPT = ""  # BLIP-2's text prompt (BLIP captions unconditionally)
 AUTO = -1  # num_workers: choose for the device
 CPU_BATCH_SIZE = 8  # batch_size 0 on a CPU: generate is compute-bound there, larger batches gain little
 # batch_size 0 on CUDA: the cap of what free memory allows. BLIP-base's generate is bound by kernel launches
@@ -51,24 +53,39 @@ AUTO_MEMORY_FRACTION = 0.5  # share of free GPU memory an automatic batch may pl
 _NAMED_UNREADABLE = 10  # how many unreadable files the summary line names
 
 
-def caption_settings(captioner_id: str, *, revision: str, dtype: torch.dtype, max_new_tokens: int) -> dict[str, Any]:
-    """Everything that changes a caption besides the image: the key of cached captions.
+def caption_settings(captioner_id: str, *, revision: str, dtype: torch.dtype, max_new_tokens: int,
+                     prompt: str = "") -> dict[str, Any]:
+    """Everything that changes a caption besides the image: the key of cached captions, and what
+    :func:`caption_files` captions with.
+
+    ``prompt``: BLIP-2's text prompt (:func:`captioner_prompt`); BLIP takes none.
 
     ``revision`` is the checkpoint's (``oscar_common.models.checkpoint_revision``): it covers the weights,
     the processor and the generation config. The device is left out on purpose: the same weights and
     dtype give the same greedy captions on any device up to rare floating-point ties.
     """
     return {"captioner": captioner_id, "revision": revision, "dtype": str(dtype).removeprefix("torch."),
-            "max_new_tokens": int(max_new_tokens), "prompt": PROMPT}
+            "max_new_tokens": int(max_new_tokens), "prompt": prompt}
+
+
+def captioner_prompt(captioner_id: str, blip2_prompt: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """The text prompt a captioner is given: ``blip2_prompt`` for a BLIP-2, none for BLIP (the model type is
+    read from the checkpoint's config, without loading weights)."""
+    return blip2_prompt if captioner_type(captioner_id, cache_dir) == "blip-2" else ""
 
 
 class Captioner:
-    """A loaded captioner (processor + model) that turns a batch of processed images into caption strings."""
+    """A loaded captioner (processor + model) that turns a batch of processed images into caption strings.
 
-    def __init__(self, processor: Any, model: torch.nn.Module) -> None:
+    ``prompt``: the text a BLIP-2 continues (BLIP captions unconditionally: only "" is accepted)."""
+
+    def __init__(self, processor: Any, model: torch.nn.Module, *, prompt: str = "") -> None:
         self.processor = processor
         self.model = model
-        self.prompt = _prompt_inputs(processor, model)
+        self.prompt = _prompt_inputs(processor, model, prompt)
+        # A BLIP-2 with a decoder-only language model (OPT) returns its input before the new tokens: keep these.
+        decoder_only = bool(self.prompt) and not model.config.text_config.is_encoder_decoder
+        self.input_length = self.prompt["input_ids"].shape[1] if decoder_only else 0
 
     @property
     def image_processor(self) -> Any:
@@ -84,6 +101,7 @@ class Captioner:
         pixel_values = self.normalize(pixel_values.to(self.model.device))
         prompt = {name: ids.to(self.model.device).expand(len(pixel_values), -1) for name, ids in self.prompt.items()}
         output_ids = self.model.generate(pixel_values=pixel_values, **prompt, max_new_tokens=max_new_tokens)
+        output_ids = output_ids[:, self.input_length:]
         return [text.strip() for text in self.processor.batch_decode(output_ids, skip_special_tokens=True)]
 
 
@@ -100,12 +118,15 @@ class Captioner:
         return pixels.to(self.model.dtype)
 
 
-def _prompt_inputs(processor: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _prompt_inputs(processor: Any, model: torch.nn.Module, prompt: str) -> dict[str, torch.Tensor]:
     """The constant text inputs of one image: none for BLIP; ``<image>`` x num_query_tokens + prompt for BLIP-2."""
     if model.config.model_type != "blip-2":
+        if prompt:
+            raise ValueError(f"BLIP captions without a text prompt here; got {prompt!r} (blip2-prompt applies to "
+                             "BLIP-2 captioners only)")
         return {}
     # The processor places the image tokens (it knows how many); a blank image stands in for the real ones.
-    inputs = processor(images=Image.new("RGB", (8, 8)), text=PROMPT, return_tensors="pt")
+    inputs = processor(images=Image.new("RGB", (8, 8)), text=prompt, return_tensors="pt")
     image_tokens = int((inputs.input_ids == model.config.image_token_id).sum())
     if image_tokens != model.config.num_query_tokens:
         raise ValueError(
@@ -301,7 +322,8 @@ def caption_files(
                                 batch_size=planned_batch_size(batch_size, device),
                                 num_workers=run.num_workers)
         try:
-            captioner = Captioner(processor, load_model())  # the workers decode meanwhile
+            # the workers decode meanwhile
+            captioner = Captioner(processor, load_model(), prompt=settings["prompt"])
             run.batch_size = resolve_batch_size(batch_size, captioner, max_new_tokens=max_new_tokens)
             log.info("captioning %d images (batch %d, %d decoding workers; %d from the cache)", len(todo),
                      run.batch_size, run.num_workers, cached)

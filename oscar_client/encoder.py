@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from oscar_client.caption_cache import CaptionCache
-from oscar_client.captioning import AUTO, caption_files, caption_settings
+from oscar_client.captioning import AUTO, caption_files, caption_settings, captioner_prompt
 from oscar_client.class_accumulator import ClassAccumulator, class_means
 from oscar_common.choices import SCHEMES
 from oscar_common.data import Sample
@@ -98,6 +98,7 @@ def encode_client(
     max_new_tokens: int,
     num_workers: int,
     cache: CaptionCache | None,
+    blip2_prompt: str = "",
     keep_embeddings: bool = False,
     cache_dir: str | Path | None = None,
 ) -> EncodedClient:
@@ -107,6 +108,7 @@ def encode_client(
     device (``oscar_client.captioning.resolve_batch_size``), ``num_workers`` -1 likewise. ``cache``: the
     client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
     ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
+    ``blip2_prompt``: the text prompt a BLIP-2 captioner continues (the run's ``blip2-prompt``; BLIP takes none).
     ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models).
     """
     # 1. Check inputs (before any model is loaded)
@@ -132,7 +134,8 @@ def encode_client(
 
     # 2. Captions: from the cache where it has them, generated (streamed) for the rest
     settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id, cache_dir), dtype=dtype,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens,
+                                prompt=captioner_prompt(captioner_id, blip2_prompt, cache_dir))
     run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
                         num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
                         load_processor=lambda: load_captioner_processor(captioner_id, cache_dir),

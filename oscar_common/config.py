@@ -68,6 +68,7 @@ class OscarConfig:
     min_images_per_class: int = 5  # a class of one image would upload that image's caption embedding
     caption_batch_size: int = 0  # 0: each client chooses from its device
     caption_max_tokens: int = 30
+    blip2_prompt: str = "a photo of"  # the text a BLIP-2 captioner continues (the official code's; BLIP: none)
     # --- what clients share (README "Privacy") ---
     share_counts: bool = False
     prototypes_per_class: int = 1
@@ -145,6 +146,7 @@ class OscarConfig:
             scheme=self.scheme, captioner=self.captioner, encoder_id=self.client_encoder_id,
             class_names=self.class_names, min_images_per_class=self.min_images_per_class,
             caption_batch_size=self.caption_batch_size, caption_max_tokens=self.caption_max_tokens,
+            blip2_prompt=self.blip2_prompt,
             seed=self.seed, share_counts=self.share_counts, prototypes_per_class=self.prototypes_per_class,
             transport_dtype=self.transport_dtype, dp_max_epsilon=self.dp_max_epsilon,
         )

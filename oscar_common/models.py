@@ -128,7 +128,7 @@ def load_captioner_processor(model_id: str, cache_dir: CacheDir = None) -> BlipP
     """The captioner's processor alone (small files, no weights): a client's image decoding starts with it
     while the model loads (``oscar_client.captioning.caption_files``)."""
     with _translate_missing(model_id, cache_dir):
-        processor_class, _ = CAPTIONERS[_captioner_type(model_id, cache_dir)]
+        processor_class, _ = CAPTIONERS[captioner_type(model_id, cache_dir)]
         return processor_class.from_pretrained(model_id, **_hub_kwargs(cache_dir))
 
 
@@ -137,13 +137,14 @@ def load_captioner_model(
 ) -> BlipForConditionalGeneration | Blip2ForConditionalGeneration:
     """The captioner's frozen model on ``device``."""
     with _translate_missing(model_id, cache_dir):
-        model_type = _captioner_type(model_id, cache_dir)
+        model_type = captioner_type(model_id, cache_dir)
         model = CAPTIONERS[model_type][1].from_pretrained(model_id, dtype=dtype, **_hub_kwargs(cache_dir))
     log.info("loaded captioner %s (%s) on %s (%s)", model_id, model_type, device, dtype)
     return _frozen(model, device)
 
 
-def _captioner_type(model_id: str, cache_dir: CacheDir) -> str:
+def captioner_type(model_id: str, cache_dir: CacheDir = None) -> str:
+    """``"blip"`` or ``"blip-2"``, from the checkpoint's config (no weights are loaded)."""
     model_type = AutoConfig.from_pretrained(model_id, **_hub_kwargs(cache_dir)).model_type
     if model_type not in CAPTIONERS:
         raise ValueError(f"captioner {model_id!r} is a {model_type!r} checkpoint; supported captioners are "

@@ -72,6 +72,7 @@ class TrainInstruction:
     min_images_per_class: int
     caption_batch_size: int  # 0: the client chooses from its device
     caption_max_tokens: int
+    blip2_prompt: str  # the text a BLIP-2 captioner continues (BLIP takes none)
     seed: int
     share_counts: bool = False
     prototypes_per_class: int = 1
@@ -89,6 +90,7 @@ class TrainInstruction:
             "min-images-per-class": self.min_images_per_class,
             "caption-batch-size": self.caption_batch_size,
             "caption-max-tokens": self.caption_max_tokens,
+            "blip2-prompt": self.blip2_prompt,
             "seed": self.seed,
             "share-counts": self.share_counts,
             "prototypes-per-class": self.prototypes_per_class,
@@ -111,6 +113,7 @@ class TrainInstruction:
             min_images_per_class=fields_.integer("min-images-per-class", minimum=1),
             caption_batch_size=fields_.integer("caption-batch-size", minimum=0),
             caption_max_tokens=fields_.integer("caption-max-tokens", minimum=1),
+            blip2_prompt=fields_.text("blip2-prompt"),
             seed=fields_.integer("seed"),
             share_counts=fields_.boolean("share-counts"),
             prototypes_per_class=fields_.integer("prototypes-per-class", minimum=1),
