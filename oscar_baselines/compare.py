@@ -5,14 +5,19 @@
 
 writes ``compare.json`` and ``compare.md`` to ``--out``:
 
-* accuracy: rows FedAvg, OSCAR, Centralized; columns the clients (domains) and their average (the
-  unweighted mean over the clients the method has, as Table I averages its domains);
+* accuracy: rows FedAvg, OSCAR, Centralized; columns the clients (domains), then ``overall``: correct
+  predictions over test images of all the clients the method has, the official code's "Overall"
+  (obaidullahzaland/oscar train.py:336-343 @4b6c7f5, its final evaluation: ``total_correct /
+  total_samples``), the definition to hold against the paper's Table I; and ``client mean``, the
+  unweighted mean of the client columns, which differs from it when the test sets differ in size;
 * upload per client: OSCAR and FedAvg as measured on the wire by their runs (FedAvg: all rounds),
   and FedCADO's single model upload, *computed* as the float32 bytes of a ResNet-18 classifier's
   parameters for the run's class count (FedCADO is not run here).
 
 Every report is read by the fields the three reports share: ``status``, ``config["class-names"]`` and
-``clients[]`` with ``name``, ``test_accuracy`` and (federated methods) ``upload_bytes``.
+``clients[]`` with ``name``, ``test_accuracy``, ``num_test`` and (federated methods) ``upload_bytes``.
+``compare.md`` also says how OSCAR's images were conditioned (scheme, prompt template, captioner), since
+the class name in the prompt is this project's addition (README "Divergences").
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from oscar_common.classifier import build_classifier
+from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 
 ACCURACY_METHODS = ("FedAvg", "OSCAR", "Centralized")  # the order of Table I's rows
@@ -60,13 +66,19 @@ def compare(oscar: Mapping[str, Any] | None = None, fedavg: Mapping[str, Any] | 
 
     accuracy = []
     for method, report in reports.items():
-        by_client = {c["name"]: c["test_accuracy"] for c in report["clients"]}
-        values = [by_client[name] for name in clients if by_client.get(name) is not None]
+        by_client = {c["name"]: c for c in report["clients"]}
+        evaluated = [by_client[name] for name in clients
+                     if by_client.get(name, {}).get("test_accuracy") is not None]
+        values = [c["test_accuracy"] for c in evaluated]
+        tested = sum(c.get("num_test") or 0 for c in evaluated)
+        counted = tested and all(c.get("num_test") for c in evaluated)
         accuracy.append({
             "method": method,
-            "clients": {name: by_client.get(name) for name in clients},
-            "average": sum(values) / len(values) if values else None,
-            "complete": len(values) == len(clients),  # False: the average leaves some clients out
+            "clients": {name: by_client.get(name, {}).get("test_accuracy") for name in clients},
+            # the official "Overall": sum(correct) / sum(samples), i.e. accuracies weighted by test images
+            "overall": sum(c["test_accuracy"] * c["num_test"] for c in evaluated) / tested if counted else None,
+            "client_mean": sum(values) / len(values) if values else None,
+            "complete": len(values) == len(clients),  # False: overall and client mean leave some clients out
         })
 
     upload = []
@@ -84,7 +96,8 @@ def compare(oscar: Mapping[str, Any] | None = None, fedavg: Mapping[str, Any] | 
     oscar_mean = upload[-1]["mean"] if oscar is not None else None
     for row in upload:
         row["times_oscar"] = row["mean"] / oscar_mean if oscar_mean and row["mean"] is not None else None
-    return {"class_names": class_names, "clients": clients, "accuracy": accuracy, "upload_bytes": upload}
+    return {"class_names": class_names, "clients": clients, "accuracy": accuracy, "upload_bytes": upload,
+            "oscar_conditioning": conditioning(oscar["config"]) if oscar is not None else None}
 
 
 def _measured(method: str, report: Mapping[str, Any], clients: list[str], source: str) -> dict[str, Any]:
@@ -101,15 +114,21 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     lines = ["# OSCAR and its baselines", "",
              f"{len(result['class_names'])} classes; top-1 accuracy (%) of each method's final ResNet-18 on each "
              "client's own test split.", "",
-             head.format(last="average"), rule]
+             "**overall** = correct predictions / test images over all clients, the official code's "
+             "\"Overall\" and the definition to compare with the paper's Table I; **client mean** = the "
+             "unweighted mean of the client columns.", "",
+             head.format(last="overall") + " client mean |", rule + "---:|"]
     incomplete = False
     for row in result["accuracy"]:
         cells = [_percent(row["clients"][name]) for name in clients]
         mark = "" if row["complete"] else "*"
         incomplete |= not row["complete"]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {_percent(row['average'])}{mark} |")
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {_percent(row['overall'])}{mark} | "
+                     f"{_percent(row['client_mean'])}{mark} |")
     if incomplete:
-        lines += ["", "\\* averaged over the clients this method has a result for."]
+        lines += ["", "\\* over the clients this method has a result for."]
+    if result.get("oscar_conditioning"):
+        lines += ["", conditioning_sentence(result["oscar_conditioning"])]
     lines += ["", "## Upload per client", "",
               "Bytes each client sends to the server over the whole run.", "",
               head.format(last="mean") + " x OSCAR | how |", rule + "---:|---|"]

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import stand_in_note
@@ -159,12 +160,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         f"Scheme `{cfg['scheme']}`, diffusion `{cfg['diffusion-model']}` (scheduler `{cfg['scheduler']}`), guidance "
         f"{cfg['guidance-scale']} (diffusers convention), {cfg['num-inference-steps']} steps, "
-        f"{cfg['images-per-class']} images per class per client.", "",
+        f"{cfg['images-per-class']} images per class per client. {conditioning_sentence(conditioning(cfg))}", "",
         "## Clients", "", client_table(report), "",
     ]
     acc = report["accuracy"]
     if acc["mean"] is not None:
-        lines += [f"Mean accuracy **{acc['mean']:.4f}**, weighted by test images **{acc['weighted']:.4f}**.", ""]
+        lines += [f"Overall accuracy **{acc['weighted']:.4f}**: correct predictions / test images over all clients, "
+                  "the official code's \"Overall\" (compare this one with the paper's Table I); unweighted mean "
+                  f"over clients {acc['mean']:.4f}.", ""]
     if report["rejected"]:
         lines += ["## Rejected or missing clients", "", "| node | name | reason |", "|---|---|---|"]
         lines += [f"| {r['node_id']} | {r.get('name') or '—'} | {_md(r['reason'])} |" for r in report["rejected"]]

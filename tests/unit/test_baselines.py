@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from oscar_baselines.centralized import client_settings, run_centralized
 from oscar_baselines.compare import compare, fedcado_upload_bytes, main as compare_main
+from oscar_common.conditioning import conditioning_sentence
 from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
 from oscar_common.classifier import build_classifier, load_classifier
@@ -97,16 +98,20 @@ def test_centralized_learns_separable_digits(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- Compare
-def _report(method: str, accuracies: dict[str, float], upload: dict[str, int] | None = None, **config) -> dict:
+def _report(method: str, accuracies: dict[str, float], upload: dict[str, int] | None = None,
+            num_test: dict[str, int] | None = None, **config) -> dict:
     return {
         "method": method, "status": "completed", "config": {"class-names": ["a", "b", "c"], **config},
-        "clients": [{"name": name, "test_accuracy": acc, "num_test": 10,
+        "clients": [{"name": name, "test_accuracy": acc, "num_test": (num_test or {}).get(name, 10),
                      **({"upload_bytes": upload[name]} if upload else {})} for name, acc in accuracies.items()],
     }
 
 
 def test_compare_tables(tmp_path: Path) -> None:
-    oscar = _report("oscar", {"clipart": 0.5, "sketch": 0.7}, {"clipart": 6_000, "sketch": 4_000})
+    # clipart has 3x sketch's test images: the official "Overall" (sum correct / sum samples) weighs it 3x
+    oscar = _report("oscar", {"clipart": 0.5, "sketch": 0.7}, {"clipart": 6_000, "sketch": 4_000},
+                    {"clipart": 300, "sketch": 100}, scheme="pooled", **{"prompt-template": "{class_name}, {prompt}"},
+                    captioner="Salesforce/blip-image-captioning-base")
     fedavg = _report("fedavg", {"clipart": 0.2, "sketch": 0.4}, {"clipart": 900_000_000, "sketch": 800_000_000},
                      **{"num-rounds": 10})
     centralized = _report("centralized", {"clipart": 0.9})  # a client missing: its average is partial
@@ -123,10 +128,12 @@ def test_compare_tables(tmp_path: Path) -> None:
     rows = {r["method"]: r for r in result["accuracy"]}
     assert [r["method"] for r in result["accuracy"]] == ["FedAvg", "OSCAR", "Centralized"]
     assert rows["OSCAR"]["clients"] == {"clipart": 0.5, "sketch": 0.7}
-    assert rows["OSCAR"]["average"] == pytest.approx(0.6) and rows["OSCAR"]["complete"]
-    assert rows["FedAvg"]["average"] == pytest.approx(0.3)
+    assert rows["OSCAR"]["overall"] == pytest.approx((150 + 70) / 400) and rows["OSCAR"]["complete"]
+    assert rows["OSCAR"]["client_mean"] == pytest.approx(0.6)
+    assert (rows["FedAvg"]["overall"], rows["FedAvg"]["client_mean"]) == pytest.approx((0.3, 0.3))  # equal sizes
     assert rows["Centralized"]["clients"]["sketch"] is None
-    assert rows["Centralized"]["average"] == pytest.approx(0.9) and not rows["Centralized"]["complete"]
+    assert rows["Centralized"]["overall"] == pytest.approx(0.9) and not rows["Centralized"]["complete"]
+    assert result["oscar_conditioning"]["prompt_template"] == "{class_name}, {prompt}"
 
     upload = {r["method"]: r for r in result["upload_bytes"]}
     assert upload["OSCAR"]["clients"] == {"clipart": 6_000, "sketch": 4_000} and upload["OSCAR"]["mean"] == 5_000
@@ -138,9 +145,18 @@ def test_compare_tables(tmp_path: Path) -> None:
     assert "computed" in upload["FedCADO"]["source"]
 
     markdown = (out / "compare.md").read_text()
-    assert "| OSCAR | 50.00 | 70.00 | 60.00 |" in markdown
-    assert "| Centralized | 90.00 | — | 90.00* |" in markdown
+    assert "| method | clipart | sketch | overall | client mean |" in markdown
+    assert "| OSCAR | 50.00 | 70.00 | 55.00 | 60.00 |" in markdown
+    assert "| Centralized | 90.00 | — | 90.00* | 90.00* |" in markdown
+    assert "the official code's \"Overall\"" in markdown
+    assert "through the template `{class_name}, {prompt}` (the class name in the prompt is this project's" in markdown
     assert "| OSCAR | 6.00 KB | 4.00 KB | 5.00 KB | 1 |" in markdown
+
+
+def test_compare_names_the_tokens_conditioning() -> None:
+    oscar = _report("oscar", {"a": 0.5}, {"a": 1}, scheme="tokens", **{"prompt-template": "{class_name}, {prompt}"})
+    sentence = conditioning_sentence(compare(oscar=oscar)["oscar_conditioning"])
+    assert "scheme `tokens`" in sentence and "without the class name" in sentence and "template" not in sentence
 
 
 def test_fedcado_size_matches_resnet18() -> None:

@@ -47,6 +47,17 @@ def test_status_says_what_completed_and_what_did_not() -> None:
     assert build_report(cfg, state, error="RuntimeError: boom")["status"] == "failed"
 
 
+def test_report_states_the_prompt_template_and_the_official_overall() -> None:
+    state = _state(["a", "b"], {"a", "b"})
+    state.clients[1].evaluation = {"accuracy": 0.9, "num_test": 30, "per_class_accuracy": {}}  # a: 0.5 of 10
+    markdown = render_markdown(build_report(OscarConfig(class_names=CLASSES), state))
+    assert "through the template `{class_name}, {prompt}` (the class name in the prompt is this project's" in markdown
+    assert "Overall accuracy **0.8000**: correct predictions / test images" in markdown  # (5 + 27) / 40
+    assert "unweighted mean over clients 0.7000" in markdown
+    tokens = render_markdown(build_report(OscarConfig(class_names=CLASSES, scheme="tokens"), state))
+    assert "scheme `tokens`, the per-token caption mean itself, without the class name" in tokens
+
+
 def test_stand_in_models_are_named(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = OscarConfig(class_names=CLASSES)
     monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
