@@ -54,6 +54,8 @@ def test_report_states_the_prompt_template_and_the_official_overall() -> None:
     assert "through the template `{class_name}, {prompt}` (the class name in the prompt is this project's" in markdown
     assert "Overall accuracy **0.8000**: correct predictions / test images" in markdown  # (5 + 27) / 40
     assert "unweighted mean over clients 0.7000" in markdown
+    ablation = render_markdown(build_report(OscarConfig(class_names=CLASSES, prompt_template="{prompt}"), state))
+    assert "through the template `{prompt}`;" in ablation and "this project's addition" not in ablation
     tokens = render_markdown(build_report(OscarConfig(class_names=CLASSES, scheme="tokens"), state))
     assert "scheme `tokens`, the per-token caption mean itself, without the class name" in tokens
 
