@@ -90,6 +90,9 @@ class OscarConfig:
     min_clients: int = 2  # nodes to wait for before the round starts (Flower's min_available_nodes)
     min_uploads: int = 0  # valid uploads the run needs; 0: min_clients (see required_uploads)
     wait_for_clients_timeout: float = 300.0
+    # Messages (train, evaluate) outstanding at once; each reply sends the next. 0: all at once. Flower's
+    # SuperLink scans its whole message store for every node it polls: N at once for N nodes costs N x N.
+    max_in_flight: int = 16
     # Seconds without a new reply before the server stops waiting for the rest (every reply restarts it).
     train_timeout: float = 3600.0
     evaluate_timeout: float = 600.0
@@ -177,6 +180,7 @@ _RANGES: list[tuple[str, str, Any]] = [
     ("seed", ">= 0", lambda v: v >= 0),
     ("min_clients", ">= 1", lambda v: v >= 1),
     ("min_uploads", ">= 0 (0: min-clients)", lambda v: v >= 0),
+    ("max_in_flight", ">= 0 (0: every message at once)", lambda v: v >= 0),
     ("wait_for_clients_timeout", "> 0 seconds", lambda v: v > 0),
     ("train_timeout", "> 0 seconds", lambda v: v > 0),
     ("evaluate_timeout", "> 0 seconds", lambda v: v > 0),

@@ -8,6 +8,8 @@ returns is what ``configure_evaluate`` sends), but OSCAR needs things it does no
 * handling each upload the moment it arrives (validated and persisted), not after the last one;
 * broadcasting the final model only to the clients whose upload was accepted, with a timeout,
   so one dead client cannot hang the run;
+* sending in waves of ``max-in-flight`` messages: Flower scans its whole message store for each node
+  it polls, so a message for each of 1,000 nodes at once costs 1,000 x 1,000 per sweep;
 * resuming a run whose upload round is over, on nodes that may carry new ids (a restarted
   simulation or SuperNode): clients are matched by the name they give, never by node id.
 
@@ -18,7 +20,9 @@ and reply is built and read through :mod:`oscar_common.wire`.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -332,40 +336,72 @@ class OscarStrategy(Strategy):
 
     def _send_and_collect(self, grid: Grid, messages: list[Message], timeout: float, what: str,
                           on_reply: Callable[[Message], None] | None = None) -> list[Message]:
-        """Push, then pull replies as they come until all arrived or none came for ``timeout`` seconds.
+        """Send the messages ``max-in-flight`` at a time, the next one as each reply (or failure) comes in,
+        and return the replies; ``on_reply`` handles each as it arrives.
 
-        The wait restarts with every reply: Flower's simulation engine runs its virtual clients a few at a
-        time, so 100 clients take 50 times as long as 2, and a deadline counted from the push would drop
-        the last ones of a large federation however healthy they are. A silent node still ends the round
-        ``timeout`` seconds after the last reply (real SuperNodes work in parallel: about the same end).
+        Why waves: Flower's SuperLink keeps every message it was given in one store, and each node's poll
+        (a SuperNode's, or the simulation engine's sweep over all its virtual nodes every 0.1 s) scans that
+        whole store: N messages at once for N nodes cost N x N per sweep, which at 1,000 virtual clients
+        took a core and slowed the round 5x per client. At most ``max-in-flight`` outstanding keeps it N x
+        max-in-flight (0: all at once).
+
+        Timeouts count from the last reply: a message is given up when ``timeout`` seconds passed without
+        any reply since it was sent (a simulation runs its clients a few at a time, so a deadline counted from
+        the first push would drop the last ones of a large federation however healthy they are). Its slot
+        then goes to the next node: silent nodes cost the round ``timeout`` per wave of them, never the rest.
         """
-        if not messages:
-            return []
-        pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
-        self._recipients.update(pending)
-        deadline = time.monotonic() + timeout
+        wave = self.cfg.max_in_flight or len(messages)
+        unsent = deque(messages)
+        in_flight: dict[str, tuple[int, float]] = {}  # message id -> (node, when it was sent)
         replies: list[Message] = []
-        while pending and time.monotonic() < deadline:
-            pulled = grid.pull_messages(list(pending))
+        last_reply = -math.inf
+        if len(messages) > wave:
+            log.info("%s round: %d messages, at most %d outstanding (max-in-flight)", what, len(messages), wave)
+        while unsent or in_flight:
+            if unsent and len(in_flight) < wave:
+                self._push(grid, [unsent.popleft() for _ in range(min(wave - len(in_flight), len(unsent)))],
+                           in_flight, what)
+                if not in_flight:
+                    continue  # none of them could be sent (each failure recorded): on to the next ones
+            pulled = grid.pull_messages(list(in_flight))
+            now = time.monotonic()
             for reply in pulled:
-                pending.pop(reply.metadata.reply_to_message_id, None)
+                if in_flight.pop(reply.metadata.reply_to_message_id, None) is None:
+                    continue  # not ours, or already given up
+                last_reply = now
                 replies.append(reply)
                 if on_reply is not None:
                     on_reply(reply)
-            if pulled:
-                deadline = time.monotonic() + timeout
-            if pending:
+            for message_id, (node_id, sent) in list(in_flight.items()):
+                if now - max(sent, last_reply) >= timeout:
+                    del in_flight[message_id]
+                    # one wording whatever the wave size: the same run gives the same report
+                    self._no_reply(node_id, f"no {what} reply, and none from any node for {timeout:g}s", what)
+            if in_flight and not (pulled and unsent):  # a reply frees a slot: refill at once, else wait
                 time.sleep(POLL_SECONDS)
-        for node_id in pending.values():
-            reason = f"no {what} reply within {timeout:g}s" + (" of the last reply" if replies else "")
-            if what == "identify":
-                log.warning("node %s: %s", node_id, reason)
-            elif node_id in self.state.clients:  # uploaded, but did not evaluate
-                self.state.clients[node_id].evaluation = {"error": reason}
-                log.warning("client %s (node %s): %s", self.state.clients[node_id].name, node_id, reason)
-            else:
-                self._reject(node_id, reason)
         return replies
+
+    def _push(self, grid: Grid, batch: list[Message], in_flight: dict[str, tuple[int, float]], what: str) -> None:
+        """Push ``batch``; each message the SuperLink took goes in flight, each it refused is a failure."""
+        accepted = {message_id for message_id in grid.push_messages(batch) if message_id}
+        sent = time.monotonic()
+        for message in batch:
+            node_id, message_id = message.metadata.dst_node_id, message.metadata.message_id
+            if message_id in accepted:  # the grid sets the id; a refused message's is not returned
+                in_flight[message_id] = (node_id, sent)
+                self._recipients[message_id] = node_id
+            else:
+                self._no_reply(node_id, f"the SuperLink refused the {what} message (node gone?)", what)
+
+    def _no_reply(self, node_id: int, reason: str, what: str) -> None:
+        """A node that did not answer: a missing identity, a missing evaluation, or a rejected upload."""
+        if what == "identify":
+            log.warning("node %s: %s", node_id, reason)
+        elif node_id in self.state.clients:  # uploaded, but did not evaluate
+            self.state.clients[node_id].evaluation = {"error": reason}
+            log.warning("client %s (node %s): %s", self.state.clients[node_id].name, node_id, reason)
+        else:
+            self._reject(node_id, reason)
 
 
 def rejected_sender(rejection: dict[str, Any]) -> str:

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors import safe_open
 
 from oscar_common.config import OscarConfig
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.run_config import main as run_config_main
-from oscar_common.wire import IDENTIFY_MESSAGE_TYPE, ClientFailure, DpRecord, Identity, Upload
+from oscar_common.wire import (EVALUATE_MESSAGE_TYPE, IDENTIFY_MESSAGE_TYPE, TRAIN_MESSAGE_TYPE, ClientFailure,
+                               DpRecord, Evaluation, Identity, Upload, model_record)
 from oscar_server.report import build_report
 from oscar_server.run_dir import FinishedRunError, RunDirectory
 from oscar_server import strategy as strategy_module
@@ -45,8 +47,10 @@ class FakeGrid:
 
     def push_messages(self, messages: list[Message]) -> list[str]:
         ids = []
+        self.most_outstanding = max(getattr(self, "most_outstanding", 0), len(self._pending) + len(messages))
         for message in messages:
             message_id = f"m{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do before storing it
             self._pending[message_id] = message
             self.sent.append(message)
             ids.append(message_id)
@@ -210,20 +214,96 @@ class TrickleGrid(FakeGrid):
         return super().pull_messages(answering[:1])
 
 
+@pytest.mark.parametrize("max_in_flight", [0, 2])
 def test_replies_that_keep_coming_are_all_waited_for_and_a_silent_node_ends_the_round(
-        strategy: OscarStrategy) -> None:
+        strategy: OscarStrategy, max_in_flight: int) -> None:
     """Eight clients answering 0.1 s apart take 0.8 s, longer than the 0.3 s timeout: none of them is dropped,
-    since every reply restarts the wait; the silent node is given up 0.3 s after the last reply."""
+    since every reply restarts the wait; the silent node is given up 0.3 s after the last reply. In waves of
+    two it holds one of the two slots from the start, and the other eight go through the other one."""
+    strategy = OscarStrategy(strategy.cfg.replace(max_in_flight=max_in_flight), strategy.run_dir)
     nodes = list(range(1, 10))
-    grid = TrickleGrid(nodes, every=0.1, silent={9})
+    grid = TrickleGrid(nodes, every=0.1, silent={1})
     messages = [Message(content=RecordDict(), dst_node_id=node, message_type=IDENTIFY_MESSAGE_TYPE) for node in nodes]
     started = time.monotonic()
     replies = strategy._send_and_collect(grid, messages, timeout=0.3, what="upload")
     elapsed = time.monotonic() - started
-    assert sorted(reply.metadata.src_node_id for reply in replies) == list(range(1, 9))
-    assert strategy.state.rejected == [{"node_id": 9, "name": None,
-                                        "reason": "no upload reply within 0.3s of the last reply"}]
+    assert sorted(reply.metadata.src_node_id for reply in replies) == list(range(2, 10))
+    assert strategy.state.rejected == [{"node_id": 1, "name": None,
+                                        "reason": "no upload reply, and none from any node for 0.3s"}]
     assert 0.8 + 0.3 <= elapsed < 3
+    assert grid.most_outstanding == (max_in_flight or len(nodes))
+
+
+class ClientsGrid(FakeGrid):
+    """Ten clients behind a few workers, as Flower's simulation engine runs them: each pull, up to ``workers``
+    of the oldest outstanding messages are answered, in a shuffled order. Node 1 never answers the upload
+    (a hung client), node 3 fails, node 5 uploads NaN means, node 8 never answers the evaluation."""
+
+    def __init__(self, encoder: str, workers: int = 2, seed: int = 0) -> None:
+        super().__init__(list(range(1, 11)))
+        self.encoder, self.workers, self.rng = encoder, workers, np.random.default_rng(seed)
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        answering = [m for m in message_ids if self._answers(self._pending[m])][:self.workers]
+        self.rng.shuffle(answering)
+        return [self._answer(message_id, self._pending.pop(message_id)) for message_id in answering]
+
+    def _answers(self, message: Message) -> bool:
+        node, kind = message.metadata.dst_node_id, message.metadata.message_type
+        return not (node == 1 and kind == TRAIN_MESSAGE_TYPE or node == 8 and kind == EVALUATE_MESSAGE_TYPE)
+
+    def _answer(self, message_id: str, message: Message) -> Message:
+        node, name = message.metadata.dst_node_id, f"client-{message.metadata.dst_node_id}"
+        if node == 3:
+            return _reply(None, message_id, node, error=RAY_TRACEBACK)
+        if message.metadata.message_type == EVALUATE_MESSAGE_TYPE:
+            evaluation = Evaluation(client_name=name, accuracy=node / 20, num_examples=node, per_class={0: node / 20})
+            return _reply(evaluation.to_record(), message_id, node)
+        upload = _upload(name, self.encoder)
+        upload.means = np.full((1, 512), np.nan if node == 5 else node, np.float32)
+        return _reply(upload.to_record(), message_id, node)
+
+
+def _safetensors(path: Path) -> tuple[dict, dict]:
+    """A payload file's metadata and arrays (its bytes are not comparable: safetensors writes the metadata
+    keys in no fixed order)."""
+    with safe_open(path, framework="numpy") as handle:
+        return handle.metadata(), {key: handle.get_tensor(key).tolist() for key in handle.keys()}
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3, 10])
+def test_the_rounds_in_waves_give_the_results_of_all_at_once(strategy: OscarStrategy, tmp_path: Path,
+                                                              max_in_flight: int) -> None:
+    """The upload and evaluation rounds for 10 clients (a hung one, a failing one, a bad upload, one that does
+    not evaluate), as start() runs them: in waves of 1, 3 or 10, never more messages outstanding than that,
+    each node asked once per round, and the same uploads, payload files, rejections and evaluations as all
+    at once."""
+    def rounds(wave: int) -> tuple[object, ...]:
+        cfg = strategy.cfg.replace(max_in_flight=wave, min_clients=10, run_name=f"wave-{wave}")
+        oscar = OscarStrategy(cfg, RunDirectory.for_run(cfg, 1))
+        grid = ClientsGrid(cfg.text_encoder)
+        oscar._send_and_collect(grid, list(oscar.configure_train(1, None, None, grid)), 0.2, "upload",
+                                on_reply=oscar.accept_upload)
+        broadcast = list(oscar.configure_evaluate(1, model_record(b"weights"), None, grid))
+        metrics = oscar.aggregate_evaluate(1, oscar._send_and_collect(grid, broadcast, 0.2, "evaluation"))
+        asked = sorted((m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent)
+        clients = {c.node_id: (c.name, c.upload_bytes, c.download_bytes, c.evaluation) for c in oscar.state.clients.values()}
+        payloads = {p.name: _safetensors(p) for p in oscar.run_dir.payloads_dir.iterdir()}
+        rejected = sorted((r["node_id"], r["name"], r["reason"]) for r in oscar.state.rejected)
+        return grid.most_outstanding, asked, clients, payloads, rejected, dict(metrics)
+
+    most, *results = rounds(max_in_flight)
+    all_most, *all_at_once = rounds(0)
+    # given up, the hung node's and the silent evaluator's messages stay in Flower's store (until their TTL)
+    assert max_in_flight <= most <= max_in_flight + 2 and all_most == 10
+    assert results == all_at_once
+    asked, clients, payloads, rejected, metrics = results
+    assert asked == sorted([(TRAIN_MESSAGE_TYPE, n) for n in range(1, 11)]
+                           + [(EVALUATE_MESSAGE_TYPE, n) for n in (2, 4, 6, 7, 8, 9, 10)])
+    assert sorted(clients) == [2, 4, 6, 7, 8, 9, 10] and len(payloads) == 7
+    assert clients[8][3] == {"error": "no evaluation reply, and none from any node for 0.2s"}
+    assert [r[0] for r in rejected] == [1, 3, 5] and "for 0.2s" in rejected[0][2]
+    assert metrics["accuracy-mean"] == pytest.approx(np.mean([n / 20 for n in (2, 4, 6, 7, 9, 10)]))
 
 
 def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStrategy) -> None:
