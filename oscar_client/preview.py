@@ -157,7 +157,8 @@ def _generate(rows: list[dict[str, Any]], model_id: str | None, device: torch.de
     except ModelNotFoundError as exc:
         log.info("no local Stable Diffusion (%s): the preview shows prompts, not images", str(exc).splitlines()[0])
         return {}
-    pipe = load_diffusion_pipeline(model_id, device, resolve_dtype("auto", device), scheduler="pndm")
+    # The server's default sampling (the instruction does not carry the scheduler: it is the server's choice).
+    pipe = load_diffusion_pipeline(model_id, device, resolve_dtype("auto", device), scheduler=OscarConfig.scheduler)
     images = {}
     for row in rows:
         generator = torch.Generator("cpu").manual_seed(seed * 100_003 + row["class_id"])

@@ -13,7 +13,7 @@ summed over processes. So 1 and N processes take the same steps (up to float rou
 
 On CPU a run is deterministic given its seed, and a run resumed from its per-epoch checkpoint equals an
 uninterrupted one. The weights kept at the end are those of the epoch with the best training accuracy
-(both official recipes do this).
+(every official recipe does this).
 """
 
 from __future__ import annotations
