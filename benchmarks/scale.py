@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -305,6 +306,11 @@ def write_outputs(out: Path, results: list[ScaleResult], args: argparse.Namespac
     (out / "scale.md").write_text("\n".join(text))
 
 
+def _exit_on_sigterm(*_: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
 def _command() -> str:
     return "python benchmarks/scale.py " + " ".join(sys.argv[1:])
 
@@ -328,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-seconds", type=float, default=0.5, help="memory sampling period")
     args = parser.parse_args(argv)
     setup_logging()
+    # `kill <pid>` unwinds like Ctrl-C, through LocalFederation.__exit__, which stops every process it started
+    # (Ray's included); a second one is ignored so that it cannot cut that short.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     workdir = (args.workdir or args.out / "work").resolve()
     workdir.mkdir(parents=True, exist_ok=True)

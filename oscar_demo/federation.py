@@ -1,7 +1,8 @@
 """A real Flower federation on 127.0.0.1: one SuperLink, one SuperNode per client, ``flwr run``.
 
 Used by ``make demo`` and by the end-to-end tests. Every process it starts runs in its own session
-(process group) and is stopped by its own PID when the federation closes, also on Ctrl-C or failure.
+(process group) and is stopped by its own PID when the federation closes, also on Ctrl-C or failure,
+with everything it started and whatever is left in those sessions (Ray's agents).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import tomli_w
 
 from oscar_common.run_config import run_config_problems
-from oscar_demo.watchdog import MARKER_VARIABLE, Watchdog
+from oscar_demo.watchdog import MARKER_VARIABLE, Watchdog, process_stat, session_members, signal_pids
 from oscar_deploy.launch import node_config_arg, venv_bin
 
 log = logging.getLogger("oscar.demo")
@@ -120,6 +121,9 @@ class LocalFederation:
         # so a process-group signal misses them: collect the whole tree by parent PID first.
         started = self.process_tree()
         tree = started - {proc.pid for proc in self.processes.values()}
+        # Their sessions catch what leaves the tree: Ray starts processes while it is being stopped, and
+        # its agents (which ignore SIGTERM) outlive their parent, reparented to init.
+        sessions = {stat[1] for stat in map(process_stat, started) if stat is not None} - {os.getsid(0)}
         for proc in self.processes.values():
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -135,6 +139,11 @@ class LocalFederation:
             tree = {pid for pid in tree if Path(f"/proc/{pid}").exists()}
             time.sleep(0.2)
         signal_pids(tree, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while (strays := session_members(sessions)) and time.monotonic() < deadline:
+            signal_pids(strays, signal.SIGKILL)
+            time.sleep(0.1)
+        started |= strays
         self.processes.clear()
         if self.watchdog is not None:
             self.watchdog.stop()
@@ -334,13 +343,8 @@ def descendants(root: int) -> set[int]:
     """PIDs of every live descendant of ``root`` (Linux /proc), whatever session they moved to."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # the command name (field 2) may hold spaces; the parent PID follows its closing ')'
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit() and (stat := process_stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
     found: set[int] = set()
     stack = [root]
     while stack:
@@ -349,14 +353,6 @@ def descendants(root: int) -> set[int]:
                 found.add(child)
                 stack.append(child)
     return found
-
-
-def signal_pids(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

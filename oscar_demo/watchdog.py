@@ -7,6 +7,11 @@ small watchdog process: Linux sends it SIGTERM when its parent dies (``PR_SET_PD
 kills every process whose environment carries the federation's marker (all of them: the marker is an
 environment variable they inherit) and deletes the namespaces with the federation's prefix. A federation
 that stops normally stops its watchdog, which then does nothing.
+
+The marker alone misses some: Ray retitles its processes (setproctitle), which can overwrite the environment
+/proc shows, and its agents ignore SIGTERM. Every process of a federation is in a session one of its marked
+processes is in (Flower's detached processes start sessions of their own, Ray's inherit theirs), so the
+sessions of the marked processes are swept too, until nothing of them is left.
 """
 
 from __future__ import annotations
@@ -45,19 +50,57 @@ def marked_processes(marker: str) -> set[int]:
     return found
 
 
-def kill_marked(marker: str, netns_prefix: str = "") -> None:
-    """SIGTERM, then SIGKILL, every marked process; delete the namespaces named ``<prefix>-*``."""
-    for sig, pause in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        pids = marked_processes(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + pause
-        while pids and time.monotonic() < deadline:
+def process_stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent PID, session id, state letter) of a process from /proc/<pid>/stat; None once it is gone."""
+    try:
+        # the command name (field 2) may hold spaces and parentheses; the fields after its last ')' do not
+        state, ppid, _pgrp, session = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:4]
+        return int(ppid), int(session), state
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def session_members(sessions: set[int]) -> set[int]:
+    """Live (not zombie) PIDs, other than this one, whose session is one of ``sessions``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            stat = process_stat(int(entry.name))
+            if stat is not None and stat[1] in sessions and stat[2] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def signal_pids(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_marked(marker: str, netns_prefix: str = "", grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, every marked process and every process in their sessions (never this process's
+    own session); delete the namespaces named ``<prefix>-*``.
+
+    Each phase lasts until nothing is left or ``grace`` seconds passed, looking again every 0.1 s: a process
+    started meanwhile (Ray starts some while it is being stopped) is signalled too.
+    """
+    own_session = os.getsid(0)
+    sessions: set[int] = set()
+
+    def targets() -> set[int]:
+        marked = marked_processes(marker)
+        sessions.update(stat[1] for stat in map(process_stat, marked) if stat is not None and stat[1] != own_session)
+        return marked | session_members(sessions)
+
+    terminated: set[int] = set()  # SIGTERM once each: a second one can cut a clean shutdown short
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        while (pids := targets()) and time.monotonic() < deadline:
+            signal_pids(pids - terminated if sig == signal.SIGTERM else pids, sig)
+            terminated |= pids
             time.sleep(0.1)
-            pids = marked_processes(marker)
     if netns_prefix:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
         for name in listed:
