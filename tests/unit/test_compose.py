@@ -90,15 +90,30 @@ def test_gpu_override_reserves_a_gpu_for_the_serverapp_only(tmp_path: Path) -> N
     assert [name for name, service in services.items() if "deploy" in service] == ["serverapp"]
 
 
-def test_local_override_uses_host_networking_and_loopback(tmp_path: Path) -> None:
-    env = {"OSCAR_LOCAL_IMAGE": "oscar-local-base", "OSCAR_PROJECT": str(tmp_path), "OSCAR_WORK": str(tmp_path),
-           "OSCAR_PYTHON_HOME": sys.base_prefix, "SUPERLINK_HOST": "127.0.0.1", "BIND_HOST": "127.0.0.1",
-           "CLIENT1_HOST": "127.0.0.1", "CLIENT2_HOST": "127.0.0.1", "SUPERLINK_PORT": "18000"}
+def test_local_override_builds_from_a_local_base_and_uses_host_networking(tmp_path: Path) -> None:
+    env = {"BASE_IMAGE": "oscar-local-base", "PIP_FIND_LINKS": "http://127.0.0.1:28480/",
+           "SUPERLINK_HOST": "127.0.0.1", "BIND_HOST": "127.0.0.1", "CLIENT1_HOST": "127.0.0.1",
+           "CLIENT2_HOST": "127.0.0.1", "SUPERLINK_PORT": "18000"}
     services = _config(tmp_path, "compose.yml", "compose.local.yml", **env)["services"]
     assert {s["network_mode"] for s in services.values()} == {"host"}
-    assert {s["image"] for s in services.values()} == {"oscar-local-base"}
+    for service in services.values():  # the Dockerfile's own steps, with the base and the wheels of this machine
+        assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["build"]["network"] == "host"
+        assert service["build"]["args"]["BASE_IMAGE"] == "oscar-local-base"
+        assert service["build"]["args"]["PIP_FIND_LINKS"] == env["PIP_FIND_LINKS"]
     assert "--superlink 127.0.0.1:18000" in " ".join(_command(services["supernode-1"]))
-    assert _mounts(services["supernode-1"])[str(tmp_path)] == f"{tmp_path}:ro"
+    assert all(mount.startswith(("certs", str(tmp_path), "client-", "runs", "superlink-state"))
+               for service in services.values() for mount in _mounts(service).values())  # no checkout, no venv
+
+
+def test_client_override_takes_the_certs_from_a_folder(tmp_path: Path) -> None:
+    """A client's machine: its SuperNode reads ca.crt and its key from CERTS_DIR, not the server's volume."""
+    services = _config(tmp_path, "compose.yml", "compose.client.yml", CERTS_DIR=str(tmp_path / "certs"))["services"]
+    base = _config(tmp_path, "compose.yml")["services"]
+    for c in CLIENTS:
+        mounts = _mounts(services[f"supernode-{c}"])
+        assert mounts["/certs"] == f"{tmp_path / 'certs'}:ro"
+        assert {k: v for k, v in mounts.items() if k != "/certs"} == \
+            {k: v for k, v in _mounts(base[f"supernode-{c}"]).items() if k != "/certs"}
 
 
 @cache
