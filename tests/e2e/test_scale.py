@@ -120,7 +120,7 @@ def test_the_benchmark_stopped_mid_round_leaves_no_process(tmp_path: Path, stop:
     log_path = tmp_path / "benchmark.log"
     with open(log_path, "w") as log_file:
         bench = subprocess.Popen([sys.executable, str(PROJECT_DIR / "benchmarks" / "scale.py"), "--clients", "4",
-                                  "--per-class", "30", "--out", str(out)], cwd=tmp_path, stdout=log_file,
+                                  "--out", str(out)], cwd=tmp_path, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     watch = ProcessWatch(bench.pid)
     run_logs = out / "work" / "simulation-4" / "logs"
