@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(PY) -m oscar_demo.demo --workdir demo
 
-# iproute2 (network namespaces) and docker-compose (compose file validation), installed when root.
+# iproute2 (network namespaces), docker-compose, docker.io and debootstrap (the compose federation), installed when root.
 system-packages:
 	bash scripts/install-system-packages.sh
 

@@ -274,22 +274,25 @@ def ensure_base_image(docker: PrivateDocker, log: Path) -> bool:
     if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], env=docker.env,
                       capture_output=True).returncode == 0:
         return False
-    release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().split()
-                   if "=" in line)
+    release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
     suite = release.get("VERSION_CODENAME", "bookworm").strip('"')
     rootfs = docker.state / "rootfs"  # in the run's state: a killed run's half-made one goes with it
     with open(log, "ab") as out:
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                        suite, str(rootfs), debian_mirror()], stdout=out, stderr=subprocess.STDOUT, check=True,
-                       timeout=1200)
+        # docker.env: the run's marker, so that the watchdog stops a debootstrap whose starter was killed
+        result = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                                 suite, str(rootfs), debian_mirror()], stdout=out, stderr=subprocess.STDOUT,
+                                env=docker.env, timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"debootstrap failed; its log: {log}\n" + log.read_text(errors="replace")[-2000:])
     # The wheels are the host's Python's: the image's must be the same version.
-    image_python = next(rootfs.glob("usr/bin/python3.[0-9]*")).name.removeprefix("python")
+    image_python = next((p.name.removeprefix("python") for p in sorted((rootfs / "usr/bin").glob("python3.*"))
+                         if re.fullmatch(r"python3\.\d+", p.name)), "none")
     host_python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if not re.fullmatch(r"[\d.]+", image_python) or image_python != host_python:
+    if image_python != host_python:
         shutil.rmtree(rootfs)
         raise RuntimeError(f"Debian {suite} has Python {image_python}, this venv {host_python}: the wheels "
                            "the host's pip downloads would not fit the image")
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE, env=docker.env)
     subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=docker.env, check=True,
                    capture_output=True, timeout=600)
     tar.stdout.close()
@@ -308,7 +311,7 @@ def image_requirements() -> list[str]:
             *project["build-system"]["requires"]]
 
 
-def ensure_wheels(cache: Path = CACHE) -> Path:
+def ensure_wheels(cache: Path = CACHE, env: dict[str, str] | None = None) -> Path:
     """``cache/wheels``: every wheel the image needs, downloaded by this host's pip (its indexes, its
     cache); skipped while the requirements are those of the last download."""
     wheels = cache / "wheels"
@@ -318,7 +321,7 @@ def ensure_wheels(cache: Path = CACHE) -> Path:
         return wheels
     wheels.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels),
-          *requirements], timeout=1800)
+          *requirements], env, timeout=1800)
     (wheels / ".requirements").write_text(stamp)
     return wheels
 
@@ -354,13 +357,15 @@ def compose_env(**variables: str) -> dict[str, str]:
 def build_image(docker: PrivateDocker, log: Path) -> None:
     """docker/Dockerfile, built the way docker/compose.yml (+ compose.local.yml) builds it."""
     ensure_base_image(docker, log)
-    wheels = ensure_wheels(docker.cache)
+    wheels = ensure_wheels(docker.cache, docker.env)
     with serve_wheels(wheels) as url:
         with open(log, "ab") as out:
-            subprocess.run(["docker-compose", "--project-name", "oscar-build",
-                            *(arg for name in LOCAL_FILES for arg in ("-f", str(DOCKER_DIR / name))),
-                            "build", "certs"], env={**docker.env, **compose_env(PIP_FIND_LINKS=url)},
-                           stdout=out, stderr=subprocess.STDOUT, check=True, timeout=3600)
+            result = subprocess.run(["docker-compose", "--project-name", "oscar-build",
+                                     *(arg for name in LOCAL_FILES for arg in ("-f", str(DOCKER_DIR / name))),
+                                     "build", "certs"], env={**docker.env, **compose_env(PIP_FIND_LINKS=url)},
+                                    stdout=out, stderr=subprocess.STDOUT, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"the image did not build; its log: {log}\n" + log.read_text(errors="replace")[-3000:])
     docker.docker("image", "prune", "--force")  # the code layers of earlier builds
 
 

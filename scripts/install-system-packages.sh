@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # System packages the test suite and docker/run-local.sh need (Debian; run as root):
-#   iproute2        `ip netns`: the separate-hosts test (tests/test_netns.py)
-#   docker-compose  a real compose implementation: tests/test_compose.py validates docker/compose.yml
-#   docker.io, debootstrap   only for docker/run-local.sh (the compose federation end to end)
-# Usage: scripts/install-system-packages.sh [--docker]
+#   iproute2        `ip netns`: the separate-hosts test (tests/e2e/test_netns.py)
+#   docker-compose  a real compose implementation: tests/unit/test_compose.py validates docker/compose.yml
+#   docker.io, debootstrap   the compose federation run for real (tests/e2e/test_compose_federation.py,
+#                   docker/run-local.sh): a private dockerd, and a Debian base image made without a registry
+# Usage: scripts/install-system-packages.sh
 set -euo pipefail
-packages=(iproute2 docker-compose)
-if [ "${1:-}" = "--docker" ]; then packages+=(docker.io debootstrap); fi
+packages=(iproute2 docker-compose docker.io debootstrap)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
