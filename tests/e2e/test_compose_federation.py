@@ -98,9 +98,12 @@ def test_compose_federation_from_the_built_image_with_a_client_on_another_machin
             info = json.loads(docker.docker("inspect", federation.container(service)))[0]
             assert info["Config"]["Image"] == IMAGE and info["Config"]["User"] == "app", service
             assert not any(m["Source"].startswith(str(Path(__file__).parents[2])) for m in info["Mounts"]), service
-        processes = docker.docker("top", federation.container("superlink"), "-o", "pid,uid,args")
-        superlink = next(line for line in processes.splitlines() if "flower-superlink" in line)
-        assert superlink.split()[1] == "49999" and "/opt/venv/bin/flower-superlink" in superlink
+        # The SuperLink process itself (the launcher execs it): the image's, the app user's, TLS and auth on.
+        pid = json.loads(docker.docker("inspect", federation.container("superlink")))[0]["State"]["Pid"]
+        superlink = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        uid = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("Uid:"))
+        assert uid == "49999" and superlink[1] == "/opt/venv/bin/flower-superlink", (uid, superlink)
         assert "--ssl-certfile" in superlink and "--enable-supernode-auth" in superlink
         remote = json.loads(docker.docker("inspect", federation.container("supernode-2")))[0]
         assert {m["Destination"]: m["Source"] for m in remote["Mounts"]}["/certs"] == str(federation.client_certs)
