@@ -189,7 +189,7 @@ class PrivateDocker:
         self.marker = f"oscar-docker-{os.getpid()}-{secrets.token_hex(4)}"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.state / 'docker.sock'}",
                     MARKER_VARIABLE: self.marker, "COMPOSE_DOCKER_CLI_BUILD": "0", "DOCKER_BUILDKIT": "0"}
-        self.pid: int | None = None
+        self._dockerd: subprocess.Popen | None = None
 
     def __enter__(self) -> "PrivateDocker":
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ class PrivateDocker:
                  # relative: the containers' cgroups lie under the caller's, and teardown finds them by name
                  "--cgroup-parent", self.marker],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        self.pid = proc.pid
+        self._dockerd = proc
         deadline = time.monotonic() + 90
         while subprocess.run(["docker", "version"], env=self.env, capture_output=True).returncode != 0:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -239,6 +239,8 @@ class PrivateDocker:
 
     def __exit__(self, *exc: object) -> None:
         teardown(self.state, self.data_root)
+        if self._dockerd is not None:
+            self._dockerd.wait(timeout=30)  # stopped by the teardown: reap it
         watchdog = getattr(self, "_watchdog", None)
         if watchdog is not None:
             if watchdog.poll() is None:
