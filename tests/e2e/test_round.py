@@ -72,7 +72,9 @@ def _run(federation: LocalFederation, name: str, **overrides) -> tuple[dict, str
 
 
 def test_pooled_round_with_a_refusing_a_broken_and_a_noisy_client(federation: LocalFederation) -> None:
-    report, log = _run(federation, "pooled", scheme="pooled")
+    # Waves of 2 on real SuperNodes (4 of them): the SuperLink gets the messages as replies come in.
+    report, log = _run(federation, "pooled", scheme="pooled", **{"max-in-flight": 2})
+    assert "upload round: 4 messages, at most 2 outstanding (max-in-flight)" in log
     run_dir = federation.workdir / "runs" / "pooled"
     clients = {c["name"]: c for c in report["clients"]}
     assert sorted(clients) == ["noisy", "plain"]
