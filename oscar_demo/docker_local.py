@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-from oscar_demo.watchdog import MARKER_VARIABLE, die_with_parent, kill_marked
+from oscar_demo.watchdog import MARKER_VARIABLE, die_with_parent, kill_marked, serve
 
 PROJECT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = PROJECT / "docker"
@@ -163,15 +163,7 @@ def teardown(state: Path, data_root: Path) -> None:
 
 def _watch(state: Path, data_root: Path) -> None:
     """The watchdog: tears the run down when its parent dies; stands down on SIGUSR1."""
-    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGTERM, lambda *_: (teardown(state, data_root), sys.exit(0)))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent's with-block takes the run down
-    if os.getppid() == 1:  # the parent died before the handlers were in place
-        teardown(state, data_root)
-        return
-    print("ready", flush=True)
-    while True:
-        signal.pause()
+    serve(lambda: teardown(state, data_root))
 
 
 # -------------------------------------------------------------------------------------------------- daemon

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 MARKER_VARIABLE = "OSCAR_FEDERATION_ID"
 _PR_SET_PDEATHSIG = 1
@@ -131,16 +132,22 @@ class Watchdog:
         self.proc.stdout.close()
 
 
-def _main(marker: str, netns_prefix: str) -> None:
+def serve(cleanup: Callable[[], None]) -> None:
+    """A watchdog process's life: ``cleanup`` on SIGTERM (sent when the parent dies, :func:`die_with_parent`),
+    stand down on SIGUSR1, print "ready" once the handlers are in place."""
     signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))  # stand down
-    signal.signal(signal.SIGTERM, lambda *_: (kill_marked(marker, netns_prefix), sys.exit(0)))
+    signal.signal(signal.SIGTERM, lambda *_: (cleanup(), sys.exit(0)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the with-blocks clean up
     if os.getppid() == 1:  # the parent died before the handlers were in place
-        kill_marked(marker, netns_prefix)
+        cleanup()
         return
     print("ready", flush=True)
     while True:
         signal.pause()
+
+
+def _main(marker: str, netns_prefix: str) -> None:
+    serve(lambda: kill_marked(marker, netns_prefix))
 
 
 if __name__ == "__main__":
