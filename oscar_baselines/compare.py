@@ -17,7 +17,7 @@ writes ``compare.json`` and ``compare.md`` to ``--out``:
 Every report is read by the fields the three reports share: ``status``, ``config["class-names"]`` and
 ``clients[]`` with ``name``, ``test_accuracy``, ``num_test`` and (federated methods) ``upload_bytes``.
 ``compare.md`` also says how OSCAR's images were conditioned (scheme, prompt template, captioner), since
-the class name in the prompt is this project's addition (README "Divergences").
+the class name in the prompt is this project's addition (docs/official-code.md).
 """
 
 from __future__ import annotations

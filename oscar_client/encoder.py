@@ -1,7 +1,7 @@
 """Client-side OSCAR encoding: image files -> captions -> text embeddings -> per-class sums and means.
 
 This is all a client computes (nothing is trained): the per-class means are the whole upload. The
-conditioning scheme decides the text encoder (README: "Divergences"): ``pooled`` uses the CLIP text tower
+conditioning scheme decides the text encoder (docs/official-code.md): ``pooled`` uses the CLIP text tower
 and gives ``[K, 512]`` means; ``tokens`` uses the diffusion model's own text encoder and gives
 ``[K, 77, H]`` means.
 

@@ -8,10 +8,10 @@
 | ``share-counts`` | ``true`` | ``false`` refuses to send label counts even when the run asks for them (``share-counts``) |
 | ``dp-epsilon`` | ``0`` (off) | differential privacy on the means with this epsilon; the server may require at most some epsilon, and the client uses the smaller of the two |
 | ``dp-delta`` | ``1e-5`` | the delta of (epsilon, delta)-DP |
-| ``dp-clip-norm`` | ``1.0`` (``pooled``) | each caption embedding (``tokens``: its departure from the empty prompt's) is clipped to this L2 norm; CLIP's pooled embeddings are unit vectors, so 1 clips nothing. ``tokens`` with DP has no default: choose it from public data (README "Privacy") |
+| ``dp-clip-norm`` | ``1.0`` (``pooled``) | each caption embedding (``tokens``: its departure from the empty prompt's) is clipped to this L2 norm; CLIP's pooled embeddings are unit vectors, so 1 clips nothing. ``tokens`` with DP has no default: choose it from public data (docs/privacy.md) |
 | ``dp-budget`` | ``0`` (none) | refuse a release that would take this data dir's composed epsilon (``<output-dir>/privacy/ledger.json``) past this |
 | ``caption-cache`` | ``true`` | reuse captions of unchanged images from ``<output-dir>/caption-cache`` |
-| ``require-preview-approval`` | ``false`` | refuse to upload until ``oscar-preview`` has shown this very upload (README "Privacy") |
+| ``require-preview-approval`` | ``false`` | refuse to upload until ``oscar-preview`` has shown this very upload (docs/privacy.md) |
 | ``loader-workers`` | ``-1`` (auto) | DataLoader workers that decode images while the captioner runs |
 """
 
@@ -87,7 +87,7 @@ class ClientPolicy:
                 "node config: dp-clip-norm is not set, and this run uses differential privacy with scheme 'tokens': "
                 "the default 1.0 is for pooled (unit) embeddings and would shrink each caption's departure from "
                 "the empty prompt to nothing. Set dp-clip-norm to the typical departure norm of public captions "
-                "through the same encoder (`python -m oscar_client.clip_norm`, README \"Privacy\")")
+                "through the same encoder (`python -m oscar_client.clip_norm`, docs/privacy.md)")
         return 1.0
 
     def shares_counts(self, instruction: TrainInstruction) -> bool:

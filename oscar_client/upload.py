@@ -160,7 +160,7 @@ def _noise_key(output_dir: Path) -> bytes:
     """A secret that never leaves this client: DP noise derives from it, so the server cannot predict it,
     and the same data under the same settings gets the same noise (a retry or a preview costs no epsilon).
     The guarantee rests on it staying secret: with it and a guess of the data, the noise of every release
-    made with it can be recomputed and removed (README "Privacy": the key, and rotating it)."""
+    made with it can be recomputed and removed (docs/privacy.md: the key, and rotating it)."""
     path = output_dir / "privacy" / "noise.key"
     if not path.exists():
         atomic_write_bytes(path, secrets.token_bytes(32))

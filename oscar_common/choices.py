@@ -4,7 +4,7 @@ The wire module, the config and the model loaders all use these; keeping them ap
 benchmark and the server stages run where Flower is not installed (e.g. a GPU box for ``oscar-bench``).
 """
 
-SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (README: "Divergences")
+SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (docs/official-code.md)
 SCHEDULERS = ("official", "pndm", "ddim", "default")  # official: the official code's calls (oscar_common.official_scheduler)
 TRANSPORT_DTYPES = ("float32", "float16")  # how upload means travel
 SWITCHES = ("auto", "true", "false")  # tri-state run-config keys such as compile (auto: on CUDA only)

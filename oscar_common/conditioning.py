@@ -2,7 +2,7 @@
 ``report.md`` and ``oscar-compare``'s ``compare.md``, so that a table of accuracies says what made them.
 
 The class name in the ``pooled`` prompt is this project's addition (neither the paper nor the official code
-conditions on it: README "Divergences"), so the sentence says so and names the setting that leaves it out.
+conditions on it: docs/official-code.md), so the sentence says so and names the setting that leaves it out.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class OscarConfig:
     caption_batch_size: int = 0  # 0: each client chooses from its device
     caption_max_tokens: int = 30
     blip2_prompt: str = "a photo of"  # the text a BLIP-2 captioner continues (the official code's; BLIP: none)
-    # --- what clients share (README "Privacy") ---
+    # --- what clients share (docs/privacy.md) ---
     share_counts: bool = False
     prototypes_per_class: int = 1
     transport_dtype: str = "float32"
@@ -220,7 +220,7 @@ def config_problems(cfg: "OscarConfig") -> list[str]:
     if cfg.dp_max_epsilon > 0 and cfg.prototypes_per_class > 1:
         problems.append("dp-max-epsilon cannot be combined with prototypes-per-class > 1: k-means assigns each "
                         "image by all the others, so one image can move several prototypes and the per-class "
-                        "guarantee no longer holds (README \"Privacy\")")
+                        "guarantee no longer holds (docs/privacy.md)")
     if cfg.min_uploads > cfg.min_clients:
         problems.append(f"min-uploads ({cfg.min_uploads}) must be at most min-clients ({cfg.min_clients}): the round "
                         "may start with only min-clients nodes connected")

@@ -1,7 +1,7 @@
 """Training images decoded once into one uint8 tensor, so an epoch costs no PNG decoding at all.
 
 Decoding a 512x512 PNG takes milliseconds of CPU per image, every epoch, while a GPU trains ResNet-18 on
-thousands of images a second (README "Performance"): the decoder, not the GPU, sets the pace. So each image
+thousands of images a second (docs/performance.md): the decoder, not the GPU, sets the pace. So each image
 is decoded and resized once, in DataLoader worker processes, into a ``[N, 3, side, side]`` uint8 tensor
 that lives on the training device (1 GB for 5,400 images at 256); cropping, flipping and normalising then
 happen there (:mod:`oscar_common.augmentation`).

@@ -1,6 +1,6 @@
 """The one place text becomes CLIP embeddings, shared by the client (captions) and the server (prompts).
 
-Two encodings, one per conditioning scheme (README: "Divergences"):
+Two encodings, one per conditioning scheme (docs/official-code.md):
 
 * :func:`encode_pooled` (``pooled``): L2-normalised projected CLIP text embeddings, ``[N, D]``
   (D = 512 for openai/clip-vit-base-patch32), the vectors the paper averages and uploads.

@@ -217,7 +217,7 @@ def model_cache_env(cache: Path | None) -> dict[str, str]:
     if cache is None:
         return {}
     if not cache.is_dir():
-        raise LaunchError(f"model cache '{cache}' is not a directory (fill it with `hf download ...`, see README)")
+        raise LaunchError(f"model cache '{cache}' is not a directory (fill it with `hf download ...`, see docs/deployment.md)")
     return {"HF_HUB_CACHE": str(cache.resolve()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

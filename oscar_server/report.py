@@ -59,7 +59,7 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
             "upload_bytes": client.upload_bytes,
             "download_bytes": client.download_bytes,
             "differential_privacy": None if upload.dp is None else upload.dp.as_dict(),
-            # only with share-counts (README "Privacy"): otherwise these stay on the client
+            # only with share-counts (docs/privacy.md): otherwise these stay on the client
             "shared_counts": None if shared is None else {
                 "num_images": shared.num_images, "unreadable_images": shared.unreadable_images,
                 "skipped_classes": shared.skipped_classes,

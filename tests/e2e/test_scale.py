@@ -1,6 +1,6 @@
 """Ten virtual clients on Flower's simulation engine, each holding its Dirichlet share of one tree of real
 digits (the ``label-skew`` benchmark): the 10-client case of ``benchmarks/scale.py``, which measures 100,
-300 and 1,000 (README "Scale"). Checks what grows with the number of clients: every client uploads and
+300 and 1,000 (docs/scale.md). Checks what grows with the number of clients: every client uploads and
 evaluates in waves of ``max-in-flight``, the report lists them in numeric order, samples.png keeps a
 readable size, the server's log does not print a line per client per wait, and the clients keep one copy of
 the broadcast model. And the benchmark stopped mid-round by SIGTERM leaves no process behind."""
