@@ -20,8 +20,11 @@ STARTER = textwrap.dedent("""
     marker = sys.argv[1]
     watchdog = Watchdog(marker)
     # a detached grandchild, as Flower starts its app processes: only the marker finds it
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True,
-                     env={**os.environ, MARKER_VARIABLE: marker})
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)"],
+                                  start_new_session=True, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, MARKER_VARIABLE: marker})
+    # Popen returns once exec began, which can be before /proc shows the new environment: wait for its word
+    grandchild.stdout.readline()
     if sys.argv[2] == "stop":
         watchdog.stop()
     print("ready", flush=True)
