@@ -15,11 +15,12 @@ by the seeded stratified split of ``oscar_common.data`` (``test-fraction``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from oscar_common.benchmarks.common import (
-    Benchmark, BenchmarkError, images_under, logger, numbered_clients, subfolders,
+    Benchmark, BenchmarkError, image_parts_under, images_under, logger, numbered_clients, subfolders,
 )
 from oscar_common.data import Sample, _class_seed
 
@@ -81,21 +82,35 @@ class LabelSkew(Benchmark):
 
     def client_samples(self, client: str) -> tuple[list[Sample], list[Sample]]:
         k = self.clients().index(client)
-        return self.folder_split(lambda tree: self.partition(tree)[k])
+        return self.folder_split(lambda tree: self.share(tree, k))
+
+    def share(self, tree: Path, client: int) -> list[Sample]:
+        """Client ``client``'s share of ``tree`` (only its own images become paths: at 1,000 clients building
+        every share took 0.4 s per client, one share 0.1 s)."""
+        samples: list[Sample] = []
+        for folder, images, order, bounds in self._class_splits(tree):
+            samples += [Sample(folder.joinpath(*images[i]), folder.name)
+                        for i in sorted(order[bounds[client]:bounds[client + 1]])]
+        return samples
 
     def partition(self, tree: Path) -> list[list[Sample]]:
         """Every client's share of ``tree``; the shares are disjoint and cover every image once."""
         shares: list[list[Sample]] = [[] for _ in range(self.options.num_clients)]
+        for folder, images, order, bounds in self._class_splits(tree):
+            for client, share in enumerate(shares):
+                share += [Sample(folder.joinpath(*images[i]), folder.name)
+                          for i in sorted(order[bounds[client]:bounds[client + 1]])]
+        return shares
+
+    def _class_splits(self, tree: Path) -> Iterator[tuple[Path, list[tuple[str, ...]], np.ndarray, np.ndarray]]:
+        """Per class folder: its images (path parts), a seeded permutation of them, and the bounds in that
+        permutation of each client's slice (client k gets ``order[bounds[k]:bounds[k + 1]]``)."""
         for folder in subfolders(tree):
-            images = images_under(folder)
+            images = image_parts_under(folder)
             # The proportions depend only on (seed, class), so a test tree is split like the train tree.
             rng = np.random.default_rng(_class_seed(self.seed, folder.name))
             proportions = rng.dirichlet(np.full(self.options.num_clients, self.options.alpha))
             order = rng.permutation(len(images))
             cuts = np.round(np.cumsum(proportions) * len(images)).astype(int)
             cuts[-1] = len(images)
-            start = 0
-            for client, stop in enumerate(cuts):
-                shares[client] += [Sample(images[i], folder.name) for i in sorted(order[start:stop])]
-                start = stop
-        return shares
+            yield folder, images, order, np.concatenate([[0], cuts])

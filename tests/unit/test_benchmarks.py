@@ -291,6 +291,8 @@ def test_label_skew_is_seeded_covers_every_image_once_and_skews_with_low_alpha(s
     assert shares != _skew(single_domain, 0.5, seed=2)
     everything = [s.path for share in shares for s in share]
     assert len(everything) == len(set(everything)) == 400
+    skew = LabelSkew(BenchmarkOptions("label-skew", single_domain, num_clients=4, alpha=0.5), 1)
+    assert [skew.share(single_domain, k) for k in range(4)] == shares  # what one client computes alone
 
     def mean_distance_from_uniform(shares) -> float:
         # total-variation distance of each client's label distribution from the global (uniform) one
