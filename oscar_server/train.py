@@ -120,10 +120,6 @@ class TrainingSummary:
     def from_dict(cls, record: dict[str, Any]) -> "TrainingSummary":
         return cls(**record)
 
-    @classmethod
-    def load(cls, path: Path) -> "TrainingSummary":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 def summary_path(run_dir: RunDirectory) -> Path:
     return stage_summary_path(run_dir.root, STAGE)
