@@ -36,14 +36,7 @@ from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_diffusion_pipeline
 from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
-from oscar_server.generation import (
-    auto_batch_size,
-    configure_cuda,
-    generate_images,
-    generation_dtype,
-    prepare_pipeline,
-    use_compile,
-)
+from oscar_server.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
 from oscar_server.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stage_cli import (
@@ -188,15 +181,10 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
     if not jobs:
         return share
     pipe = load_diffusion_pipeline(cfg.diffusion_model, device, dtype, scheduler=cfg.scheduler)
-    batch_size = min(cfg.generation_batch_size or auto_batch_size(pipe, cfg.image_resolution), len(jobs))
-    share["batch_size"] = batch_size
-    share["compile_seconds"] = prepare_pipeline(
-        pipe, fuse_qkv=cfg.fuse_qkv, compile=use_compile(cfg.compile, device), compile_mode=cfg.compile_mode,
-        batch_size=batch_size, resolution=cfg.image_resolution, guidance_scale=cfg.guidance_scale)
+    prepared = prepare_generation(pipe, cfg, device, images=len(jobs))
+    share["batch_size"], share["compile_seconds"] = prepared.batch_size, prepared.compile_seconds
     share["started"] = time.time()  # wall clock: comparable between the processes
-    result = generate_images(pipe, jobs, run_dir.synthetic_dir, guidance_scale=cfg.guidance_scale,
-                             num_inference_steps=cfg.num_inference_steps, resolution=cfg.image_resolution,
-                             batch_size=batch_size, png_writers=cfg.png_writers)
+    result = generate_jobs(pipe, jobs, run_dir.synthetic_dir, cfg, batch_size=prepared.batch_size)
     share["finished"], share["generated"] = time.time(), len(result.written)
     share["peak_memory_gb"] = peak_memory_gb(device)
     del pipe
