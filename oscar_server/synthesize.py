@@ -39,13 +39,7 @@ from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings,
 from oscar_server.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
 from oscar_server.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import (
-    load_stage_config,
-    on_first_process,
-    open_run_directory,
-    setup_stage_logging,
-    stage_arguments,
-)
+from oscar_server.stage_cli import on_first_process, run_stage_command
 from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
 
 log = logging.getLogger("oscar.synthesis")
@@ -193,18 +187,9 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_arguments("oscar-synthesize", "OSCAR's synthesis stage: uploads -> prompts -> synthetic "
-                           "images, resumable, on one or (under accelerate launch) several GPUs").parse_args(argv)
-    setup_stage_logging()
-    run_dir = open_run_directory(args.run_dir)
-    try:
-        cfg = load_stage_config(run_dir, args.overrides)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"oscar-synthesize: {exc}") from exc
-    try:
-        synthesize_run(run_dir, cfg, fresh=args.fresh)
-    except PLAIN_ERRORS as exc:  # said plainly, without a traceback
-        raise SystemExit(f"oscar-synthesize: {exc}") from exc
+    run_stage_command(argv, prog="oscar-synthesize", description="OSCAR's synthesis stage: uploads -> prompts -> "
+                      "synthetic images, resumable, on one or (under accelerate launch) several GPUs",
+                      run=synthesize_run, plain_errors=PLAIN_ERRORS)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,7 @@ from oscar_server.fingerprint import (
 )
 from oscar_server.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import (
-    load_stage_config,
-    on_first_process,
-    open_run_directory,
-    setup_stage_logging,
-    stage_arguments,
-)
+from oscar_server.stage_cli import on_first_process, run_stage_command
 from oscar_server.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")
@@ -255,16 +249,9 @@ def _digest(paths: Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    args = stage_arguments("oscar-train", "OSCAR's training stage: synthetic images -> ResNet-18 "
-                           "(model.safetensors), resumable, on one or (under accelerate launch) several "
-                           "GPUs").parse_args(argv)
-    setup_stage_logging()
-    run_dir = open_run_directory(args.run_dir)
-    try:
-        cfg = load_stage_config(run_dir, args.overrides)
-        train_run(run_dir, cfg, fresh=args.fresh)
-    except PLAIN_ERRORS as exc:
-        raise SystemExit(f"oscar-train: {exc}") from exc  # said plainly, without a traceback
+    run_stage_command(argv, prog="oscar-train", description="OSCAR's training stage: synthetic images -> "
+                      "ResNet-18 (model.safetensors), resumable, on one or (under accelerate launch) several GPUs",
+                      run=train_run, plain_errors=PLAIN_ERRORS)
 
 
 if __name__ == "__main__":
