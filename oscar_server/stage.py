@@ -18,7 +18,7 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from oscar_common.config import OscarConfig
 from oscar_server import synthesize, train
-from oscar_server.fingerprint import stage_settings_path, stage_summary_path
+from oscar_server.fingerprint import stage_summary_path
 from oscar_server.run_dir import RunDirectory
 
 
@@ -43,10 +43,6 @@ class Stage(Generic[SummaryT]):
 
     def summary_path(self, run_dir: RunDirectory) -> Path:
         return stage_summary_path(run_dir.root, self.name)
-
-    def settings_path(self, run_dir: RunDirectory) -> Path:
-        """The record of the settings that shaped the stage's outputs."""
-        return stage_settings_path(run_dir.root, self.name)
 
     def read_summary(self, run_dir: RunDirectory) -> SummaryT:
         """The summary the stage's last run wrote."""
