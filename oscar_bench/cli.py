@@ -26,13 +26,13 @@ from typing import Any, Sequence
 import torch
 
 from oscar_bench.context import Context
-from oscar_bench.project import project_dtype
 from oscar_bench.report import Document
 from oscar_bench.scale import SCALES
 from oscar_bench.sections import SECTIONS
 from oscar_bench.timing import Budget
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory, resolve_device
+from oscar_server.generation import generation_dtype
 
 log = logging.getLogger("oscar.bench")
 
@@ -140,7 +140,7 @@ def _meta(argv: Sequence[str] | None, device: torch.device, mode: str, config: O
         "device": {"type": device.type, "name": props.name if props else platform.processor() or "cpu",
                    "memory_gb": props.total_memory / 1e9 if props else None,
                    "multiprocessors": props.multi_processor_count if props else None},
-        "dtypes": {"official": "float32", "project": str(project_dtype(config, device)).removeprefix("torch."),
+        "dtypes": {"official": "float32", "project": str(generation_dtype(config.dtype, device)).removeprefix("torch."),
                    "peak_matmul": "bfloat16" if cuda else "float32"},
         "run_defaults": {k: v for k, v in config.to_dict().items() if k in RUN_DEFAULTS_SHOWN},
         "scale": SCALES[mode].to_dict(),

@@ -5,6 +5,9 @@ Guidance is diffusers' ``eps_u + g * (eps_c - eps_u)`` with the empty prompt as 
 in the paper (its ``s`` is ``g - 1``). Each image gets its own CPU generator seeded with ``job.seed``, so
 an image does not depend on the batch or the process it falls in.
 
+The synthesis stage and oscar-bench both ready a loaded pipeline with :func:`prepare_generation` and
+generate with :func:`generate_jobs`, which take their settings from the run config.
+
 What keeps the GPU busy (each a run-config switch, see :func:`prepare_pipeline`):
 
 * batches as large as free GPU memory allows (``generation-batch-size = 0``);
@@ -27,6 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import is_compiled_module
 
+from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_dtype
 from oscar_common.logs import progress
 from oscar_server.image_writer import PngWriter
@@ -110,6 +114,38 @@ def prepare_pipeline(pipe: StableDiffusionPipeline, *, fuse_qkv: bool, compile: 
     seconds = time.perf_counter() - started
     logger.info("compiled the UNet and VAE decoder (mode %s, batch %d) in %.1f s", compile_mode, batch_size, seconds)
     return seconds
+
+
+@dataclass
+class PreparedPipeline:
+    batch_size: int  # images per pipeline call
+    compile_asked: bool  # the run's ``compile`` switch on this device (auto: CUDA only)
+    compiled: bool  # whether the UNet ended up compiled (prepare_pipeline falls back, with a warning, if not)
+    compile_seconds: float  # prepare_pipeline's warm-up call; 0 without compiling
+
+
+def prepare_generation(pipe: StableDiffusionPipeline, cfg: OscarConfig, device: torch.device, *,
+                       images: int | None = None) -> PreparedPipeline:
+    """Ready a loaded pipeline as the run config says, before its first image: the batch size
+    (``generation-batch-size``; 0: from free memory; never more than ``images``, the images to come), then
+    fused QKV and ``torch.compile`` at that batch size."""
+    batch_size = cfg.generation_batch_size or auto_batch_size(pipe, cfg.image_resolution)
+    if images is not None:
+        batch_size = min(batch_size, images)
+    compile = use_compile(cfg.compile, device)
+    seconds = prepare_pipeline(pipe, fuse_qkv=cfg.fuse_qkv, compile=compile, compile_mode=cfg.compile_mode,
+                               batch_size=batch_size, resolution=cfg.image_resolution,
+                               guidance_scale=cfg.guidance_scale)
+    return PreparedPipeline(batch_size=batch_size, compile_asked=compile, compiled=is_compiled_module(pipe.unet),
+                            compile_seconds=seconds)
+
+
+def generate_jobs(pipe: StableDiffusionPipeline, jobs: list[SynthesisJob], out_dir: Path, cfg: OscarConfig, *,
+                  batch_size: int) -> GenerationResult:
+    """:func:`generate_images` with the run config's guidance, steps, resolution and PNG writers."""
+    return generate_images(pipe, jobs, out_dir, guidance_scale=cfg.guidance_scale,
+                           num_inference_steps=cfg.num_inference_steps, resolution=cfg.image_resolution,
+                           batch_size=batch_size, png_writers=cfg.png_writers)
 
 
 def generate_images(

@@ -5,6 +5,9 @@ prompt (:mod:`oscar_common.inversion`), then put into the prompt template with t
 ("aircraft carrier", not the folder name "aircraft_carrier"). The records are the best way for a person
 to see what the server learned about each client, and a resumed stage reuses them as they are: inversion
 on a GPU is not bit-reproducible.
+
+:func:`invert_targets` is the inversion as the stage runs it (the run config's settings, in chunks sized
+by :func:`inversion_chunk`); oscar-bench times the same call.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
+from oscar_common.inversion import InvertedPrompt, invert_embeddings, inversion_chunk_size
 from oscar_common.models import load_clip_text_encoder
-from oscar_common.wire import Upload
-from oscar_common.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis_jobs import UploadRow, prompt_class_name, row_means
+
+if TYPE_CHECKING:  # the wire module needs Flower; inverting prompts does not (e.g. oscar-bench's GPU box)
+    from oscar_common.wire import Upload
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +65,26 @@ def _invert(rows: list[UploadRow], payloads: list[Upload], cfg: OscarConfig,
     # Inversion optimises through the encoder: float32 even on GPU, where fp16 gradients underflow.
     tokenizer, text_model = load_clip_text_encoder(cfg.text_encoder, device, torch.float32)
     try:
-        return invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
-                                 steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed,
-                                 chunk_size=cfg.inversion_chunk_size)
+        return invert_targets(targets, tokenizer, text_model, cfg)
     finally:
         del text_model
         free_device_memory(device)
+
+
+def invert_targets(targets: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                   text_model: CLIPTextModelWithProjection, cfg: OscarConfig, *,
+                   eval_every: int | None = None) -> list[InvertedPrompt]:
+    """Hard prompts for ``targets`` [N, D] with the run's ``inversion-*`` settings and seed, in chunks of
+    :func:`inversion_chunk` targets; ``eval_every`` as :func:`~oscar_common.inversion.invert_embeddings`."""
+    return invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
+                             steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed, eval_every=eval_every,
+                             chunk_size=inversion_chunk(len(targets), text_model, cfg))
+
+
+def inversion_chunk(targets: int, text_model: CLIPTextModelWithProjection, cfg: OscarConfig) -> int:
+    """How many of ``targets`` are optimised at once: ``inversion-chunk-size``, or (0) as many as free
+    memory allows."""
+    return min(targets, cfg.inversion_chunk_size or inversion_chunk_size(text_model, cfg.inversion_tokens))
 
 
 def _saved(prompts_path: Path, rows: list[UploadRow]) -> list[InvertedPrompt] | None:

@@ -1,5 +1,5 @@
-"""What the server stages' commands share: ``RUN_DIR [--fresh] [--set key=value ...]``, the run's config,
-and log lines that say which process wrote them.
+"""What the server stages' commands share: ``RUN_DIR [--fresh] [--set key=value ...]``
+(:func:`run_stage_command`), the run's config, and log lines that say which process wrote them.
 
 A stage reads its settings from ``<run dir>/config.json`` (written by the ServerApp when the run starts);
 ``--set`` changes some of them for this invocation only (run-config keys, kebab-case), e.g. to rerun a
@@ -23,6 +23,26 @@ from oscar_common.logs import FORMAT, interactive, setup_logging
 from oscar_server.run_dir import RunDirectory
 
 T = TypeVar("T")
+# Errors of a bad RUN_DIR or --set: said plainly by every stage's command
+CONFIG_ERRORS = (FileNotFoundError, ValueError)
+
+
+def run_stage_command(argv: list[str] | None, *, prog: str, description: str,
+                      run: Callable[..., object], plain_errors: tuple[type[Exception], ...]) -> None:
+    """A stage's command: parse ``argv``, read the run's config, then ``run(run_dir, cfg, fresh=...)``. A bad
+    run directory or ``--set``, and ``plain_errors`` from the stage, end the command with their message
+    alone (they say what to do; a traceback would bury it)."""
+    args = stage_arguments(prog, description).parse_args(argv)
+    setup_stage_logging()
+    run_dir = open_run_directory(args.run_dir)
+    try:
+        cfg = load_stage_config(run_dir, args.overrides)
+    except CONFIG_ERRORS as exc:
+        raise SystemExit(f"{prog}: {exc}") from exc
+    try:
+        run(run_dir, cfg, fresh=args.fresh)
+    except plain_errors as exc:
+        raise SystemExit(f"{prog}: {exc}") from exc
 
 
 def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:

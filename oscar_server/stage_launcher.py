@@ -13,13 +13,13 @@ The children read the same run directory. They import this very copy of the proj
 it, which matters when the ServerApp runs from a Flower app bundle), inherit the environment (HF_HUB_*
 included), and their output goes line by line into this process's log. A failed child raises
 :class:`StageFailed` naming the stage, the exit code and its last lines of output. The stage's summary,
-``<run dir>/stages/<stage>-summary.json``, is what :func:`run_stage` returns, however the stage ran.
+``<run dir>/stages/<stage>-summary.json`` (:meth:`~oscar_server.stage.Stage.read_summary`), is what
+:func:`run_stage` returns, however the stage ran.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import logging
 import os
@@ -28,36 +28,22 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import torch
 
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device
-from oscar_server.fingerprint import stage_summary_path
 from oscar_server.run_dir import RunDirectory
+from oscar_server.stage import Stage
 
 log = logging.getLogger("oscar.stages")
 
 TAIL_LINES = 30  # lines of a failed child's output quoted in the error
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str  # as in stages/<name>.json (settings record) and stages/<name>-summary.json
-    module: str  # `python -m <module> RUN_DIR` runs the stage
-    function: str  # <module>.<function>(run_dir, cfg) runs it in-process
-
-    def summary_path(self, run_dir: RunDirectory) -> Path:
-        return stage_summary_path(run_dir.root, self.name)
-
-
-STAGES = {
-    "synthesis": Stage("synthesis", "oscar_server.synthesize", "synthesize_run"),
-    "training": Stage("training", "oscar_server.train", "train_run"),
-}
+SummaryT = TypeVar("SummaryT")
 
 
 class StageFailed(RuntimeError):
@@ -71,30 +57,24 @@ def num_processes(setting: str) -> int:
     return int(setting)
 
 
-def run_stage(stage: str, run_dir: RunDirectory, cfg: OscarConfig) -> dict[str, Any]:
+def run_stage(stage: Stage[SummaryT], run_dir: RunDirectory, cfg: OscarConfig) -> SummaryT:
     """Run ``stage`` on ``run_dir`` and return its summary (the stage's ``-summary.json``)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
-    spec = STAGES[stage]
-    path = spec.summary_path(run_dir)
-    path.unlink(missing_ok=True)  # a summary left by an earlier run must not pass for this one's
+    summary = stage.summary_path(run_dir)
+    summary.unlink(missing_ok=True)  # a summary left by an earlier run must not pass for this one's
     processes = num_processes(cfg.num_processes)
     if processes == 1:
-        module = importlib.import_module(spec.module)
-        if not hasattr(module, spec.function):
-            raise AttributeError(f"{spec.module} has no {spec.function}(run_dir, cfg) to run the {spec.name} stage")
-        getattr(module, spec.function)(run_dir, cfg)
+        stage.run(run_dir, cfg)
     else:
         _check_saved_config(run_dir, cfg)
-        command = launch_command(spec, run_dir, cfg, processes)
-        log.info("running the %s stage in %d processes: %s", spec.name, processes, " ".join(command))
-        _run_child(spec, command)
-    if not path.exists():
-        raise StageFailed(f"the {spec.name} stage finished without writing its summary {path}")
-    return json.loads(path.read_text())
+        command = launch_command(stage, run_dir, cfg, processes)
+        log.info("running the %s stage in %d processes: %s", stage.name, processes, " ".join(command))
+        _run_child(stage, command)
+    if not summary.exists():
+        raise StageFailed(f"the {stage.name} stage finished without writing its summary {summary}")
+    return stage.read_summary(run_dir)
 
 
-def launch_command(spec: Stage, run_dir: RunDirectory, cfg: OscarConfig, processes: int) -> list[str]:
+def launch_command(stage: Stage, run_dir: RunDirectory, cfg: OscarConfig, processes: int) -> list[str]:
     """The command that starts ``processes`` copies of the stage (see the module docstring for why
     torchrun on CPU)."""
     if resolve_device(cfg.device).type == "cuda":
@@ -106,7 +86,7 @@ def launch_command(spec: Stage, run_dir: RunDirectory, cfg: OscarConfig, process
             command += ["--main_process_port", str(_free_port())]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return command + ["-m", spec.module, str(run_dir.root)]
+    return command + ["-m", stage.module, str(run_dir.root)]
 
 
 def child_environment() -> dict[str, str]:
@@ -118,7 +98,7 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def _run_child(spec: Stage, command: list[str]) -> None:
+def _run_child(stage: Stage, command: list[str]) -> None:
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     child = subprocess.Popen(command, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace", bufsize=1, preexec_fn=_stop_with_parent)
@@ -127,7 +107,7 @@ def _run_child(spec: Stage, command: list[str]) -> None:
         for line in child.stdout:
             line = line.rstrip("\n")
             tail.append(line)
-            log.info("[%s] %s", spec.name, line)
+            log.info("[%s] %s", stage.name, line)
         code = child.wait()
     except BaseException:
         child.terminate()  # the launcher stops its workers on SIGTERM
@@ -137,7 +117,7 @@ def _run_child(spec: Stage, command: list[str]) -> None:
             child.kill()
         raise
     if code != 0:
-        raise StageFailed(f"the {spec.name} stage failed with exit code {code} ({' '.join(command)}); "
+        raise StageFailed(f"the {stage.name} stage failed with exit code {code} ({' '.join(command)}); "
                           f"its last lines:\n" + "\n".join(tail))
 
 

@@ -54,6 +54,7 @@ from oscar_common.wire import (
     wire_size,
 )
 from oscar_server.run_dir import RunDirectory
+from oscar_server.stage import SYNTHESIS, TRAINING
 from oscar_server.stage_launcher import run_stage
 from oscar_server.synthesize import SynthesisSummary
 from oscar_server.train import TrainingSummary
@@ -137,11 +138,11 @@ class OscarStrategy(Strategy):
         # The stages read the accepted uploads from the run dir, in client-name order: the result does not
         # depend on arrival order, and a user can rerun either stage by hand (oscar-synthesize, oscar-train).
         started = time.monotonic()
-        self.state.synthesis = SynthesisSummary.from_dict(run_stage("synthesis", self.run_dir, self.cfg))
+        self.state.synthesis = run_stage(SYNTHESIS, self.run_dir, self.cfg)
         self.state.timings["synthesis"] = time.monotonic() - started
 
         started = time.monotonic()
-        self.state.training = TrainingSummary.from_dict(run_stage("training", self.run_dir, self.cfg))
+        self.state.training = run_stage(TRAINING, self.run_dir, self.cfg)
         self.state.timings["training"] = time.monotonic() - started
         blob = self.run_dir.model_path.read_bytes()
         return model_record(blob), MetricRecord({"train-accuracy": float(self.state.training.train_accuracy)})

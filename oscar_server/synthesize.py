@@ -36,23 +36,10 @@ from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_diffusion_pipeline
 from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
-from oscar_server.generation import (
-    auto_batch_size,
-    configure_cuda,
-    generate_images,
-    generation_dtype,
-    prepare_pipeline,
-    use_compile,
-)
+from oscar_server.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
 from oscar_server.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import (
-    load_stage_config,
-    on_first_process,
-    open_run_directory,
-    setup_stage_logging,
-    stage_arguments,
-)
+from oscar_server.stage_cli import on_first_process, run_stage_command
 from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
 
 log = logging.getLogger("oscar.synthesis")
@@ -188,15 +175,10 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
     if not jobs:
         return share
     pipe = load_diffusion_pipeline(cfg.diffusion_model, device, dtype, scheduler=cfg.scheduler)
-    batch_size = min(cfg.generation_batch_size or auto_batch_size(pipe, cfg.image_resolution), len(jobs))
-    share["batch_size"] = batch_size
-    share["compile_seconds"] = prepare_pipeline(
-        pipe, fuse_qkv=cfg.fuse_qkv, compile=use_compile(cfg.compile, device), compile_mode=cfg.compile_mode,
-        batch_size=batch_size, resolution=cfg.image_resolution, guidance_scale=cfg.guidance_scale)
+    prepared = prepare_generation(pipe, cfg, device, images=len(jobs))
+    share["batch_size"], share["compile_seconds"] = prepared.batch_size, prepared.compile_seconds
     share["started"] = time.time()  # wall clock: comparable between the processes
-    result = generate_images(pipe, jobs, run_dir.synthetic_dir, guidance_scale=cfg.guidance_scale,
-                             num_inference_steps=cfg.num_inference_steps, resolution=cfg.image_resolution,
-                             batch_size=batch_size, png_writers=cfg.png_writers)
+    result = generate_jobs(pipe, jobs, run_dir.synthetic_dir, cfg, batch_size=prepared.batch_size)
     share["finished"], share["generated"] = time.time(), len(result.written)
     share["peak_memory_gb"] = peak_memory_gb(device)
     del pipe
@@ -205,18 +187,9 @@ def _generate(jobs: list[SynthesisJob], run_dir: RunDirectory, cfg: OscarConfig,
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_arguments("oscar-synthesize", "OSCAR's synthesis stage: uploads -> prompts -> synthetic "
-                           "images, resumable, on one or (under accelerate launch) several GPUs").parse_args(argv)
-    setup_stage_logging()
-    run_dir = open_run_directory(args.run_dir)
-    try:
-        cfg = load_stage_config(run_dir, args.overrides)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"oscar-synthesize: {exc}") from exc
-    try:
-        synthesize_run(run_dir, cfg, fresh=args.fresh)
-    except PLAIN_ERRORS as exc:  # said plainly, without a traceback
-        raise SystemExit(f"oscar-synthesize: {exc}") from exc
+    run_stage_command(argv, prog="oscar-synthesize", description="OSCAR's synthesis stage: uploads -> prompts -> "
+                      "synthetic images, resumable, on one or (under accelerate launch) several GPUs",
+                      run=synthesize_run, plain_errors=PLAIN_ERRORS)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,10 @@ import torch.distributed as dist
 from accelerate import PartialState
 from safetensors import safe_open
 
-from oscar_common.classifier import ARCHITECTURE, build_classifier, classifier_to_bytes
+from oscar_common.classifier import ARCHITECTURE, classifier_to_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.devices import peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
-from oscar_common.image_cache import decode_images, decode_workers
-from oscar_common.recipes import resolve_recipe
-from oscar_common.training import train_classifier
 from oscar_server.fingerprint import (
     StageSettingsChanged,
     check_stage_settings,
@@ -51,14 +48,9 @@ from oscar_server.fingerprint import (
     stage_settings_path,
     stage_summary_path,
 )
+from oscar_server.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import (
-    load_stage_config,
-    on_first_process,
-    open_run_directory,
-    setup_stage_logging,
-    stage_arguments,
-)
+from oscar_server.stage_cli import on_first_process, run_stage_command
 from oscar_server.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")
@@ -120,10 +112,6 @@ class TrainingSummary:
     def from_dict(cls, record: dict[str, Any]) -> "TrainingSummary":
         return cls(**record)
 
-    @classmethod
-    def load(cls, path: Path) -> "TrainingSummary":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 def summary_path(run_dir: RunDirectory) -> Path:
     return stage_summary_path(run_dir.root, STAGE)
@@ -139,7 +127,7 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
     state = PartialState(cpu=device.type == "cpu", timeout=TIMEOUT)
     if state.num_processes > 1:
         device = state.device  # this process's GPU (or CPU share)
-    recipe = resolve_recipe(cfg.train_recipe, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    recipe = training_recipe(cfg)
 
     # 2. The training images; then, once, resume safety and whether a finished model can be reused.
     items = training_images(run, cfg)
@@ -161,14 +149,12 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
         log.info("training ResNet-18 (%s recipe: %d epochs, batch %d, lr %g) on %d synthetic images of %d "
                  "classes, %d process(es) on %s", recipe.name, recipe.epochs, recipe.batch_size, recipe.lr,
                  len(items), len(cfg.class_names), state.num_processes, device)
-    data = decode_images([run.root / p for p, _ in items], [label for _, label in items], side=cache_side,
-                         device=device, num_workers=decode_workers(cfg.decode_workers, len(items), state.num_processes),
-                         names=[p for p, _ in items])
+    data = decode_training_images([(run.root / p, label) for p, label in items], cfg, recipe, device,
+                                  processes=state.num_processes, names=[p for p, _ in items])
 
     # 4. Train, from the checkpoint if there is one; the model ends with the best epoch's weights.
-    model = build_classifier(len(cfg.class_names), pretrained=cfg.classifier_pretrained, seed=cfg.seed)
-    stats = train_classifier(model, data, recipe=recipe, image_size=cfg.classifier_image_size, seed=cfg.seed,
-                             device=device, precision=cfg.train_precision, checkpoint=run.checkpoint_path)
+    model = new_classifier(cfg)
+    stats = fit_classifier(model, data, cfg, recipe, device, checkpoint=run.checkpoint_path)
 
     # 5. The first process writes the model (its summary inside), then the summary file.
     devices = _all_devices(state, str(device))
@@ -263,16 +249,9 @@ def _digest(paths: Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    args = stage_arguments("oscar-train", "OSCAR's training stage: synthetic images -> ResNet-18 "
-                           "(model.safetensors), resumable, on one or (under accelerate launch) several "
-                           "GPUs").parse_args(argv)
-    setup_stage_logging()
-    run_dir = open_run_directory(args.run_dir)
-    try:
-        cfg = load_stage_config(run_dir, args.overrides)
-        train_run(run_dir, cfg, fresh=args.fresh)
-    except PLAIN_ERRORS as exc:
-        raise SystemExit(f"oscar-train: {exc}") from exc  # said plainly, without a traceback
+    run_stage_command(argv, prog="oscar-train", description="OSCAR's training stage: synthetic images -> "
+                      "ResNet-18 (model.safetensors), resumable, on one or (under accelerate launch) several GPUs",
+                      run=train_run, plain_errors=PLAIN_ERRORS)
 
 
 if __name__ == "__main__":

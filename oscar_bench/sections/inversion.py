@@ -1,6 +1,6 @@
 """Prompt inversion: the project's PEZ on 540 random unit targets with CLIP ViT-B/32's text tower, as the
-synthesis stage runs it: in chunks (``inversion-chunk-size``, 0: sized from free memory) and with the
-stage's CUDA settings (TF32 matmuls).
+synthesis stage runs it (``oscar_server.prompts.invert_targets``): in chunks (``inversion-chunk-size``, 0:
+sized from free memory) and with the stage's CUDA settings (TF32 matmuls).
 
 A run of ``steps`` optimisation steps that checks the current prompts ``evals`` times costs about
 ``setup + steps * step + evals * check`` seconds. Three short runs measure the three terms: ``steps``
@@ -17,10 +17,11 @@ import torch
 
 from oscar_bench.architectures import build_clip_text_tower
 from oscar_bench.context import Context
-from oscar_bench.project import project_inversion_chunk, project_invert, stage_cuda_settings
+from oscar_bench.project import stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import timed
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory
+from oscar_server.prompts import invert_targets, inversion_chunk
 
 COLUMNS = (Column("run", "name"), Column("targets", "targets"), Column("steps", "steps"),
            Column("check every", "eval_every"), Column("checks", "evals"), Column("seconds", "seconds"),
@@ -53,15 +54,16 @@ def run(ctx: Context) -> dict[str, Any]:
 
     config = ctx.config
     with stage_cuda_settings(config):
-        chunk = project_inversion_chunk(n, text_model, config)
+        chunk = inversion_chunk(n, text_model, config)
         # One step first: one-time costs (vocabulary tables, kernel selection) stay out of the measured runs.
-        project_invert(targets, tokenizer, text_model, steps=1, eval_every=1, config=config)
+        invert_targets(targets, tokenizer, text_model, config.replace(inversion_steps=1), eval_every=1)
         reset_peak_memory(ctx.device)
         rows = []
         for key, run_steps, every in (("sparse", steps, steps), ("dense", steps, 1),
                                       ("sparse_long", 2 * steps, 2 * steps)):
-            prompts, seconds = timed(lambda: project_invert(targets, tokenizer, text_model, steps=run_steps,
-                                                            eval_every=every, config=config), ctx.device)
+            prompts, seconds = timed(lambda: invert_targets(targets, tokenizer, text_model,
+                                                            config.replace(inversion_steps=run_steps),
+                                                            eval_every=every), ctx.device)
             rows.append({"key": key, "name": f"measured: {run_steps} steps, check every {every}", "targets": n,
                          "steps": run_steps, "eval_every": every, "evals": checks(run_steps, every),
                          "seconds": seconds, "seconds_per_step": seconds / run_steps, "projected": False,

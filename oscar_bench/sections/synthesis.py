@@ -4,7 +4,8 @@
     ``ptp_utils.py``): float32, one image per call, a hand-written loop over the PNDM scheduler's last
     ``steps`` timesteps, classifier-free guidance on the concatenated [empty prompt; condition] context with
     g = 7.5, decode ``latents / 0.18215``, one PNG per image.
-(b) The project's path as a user's run executes it, at the run config's defaults (oscar_bench.project):
+(b) The project's path as a user's run executes it, at the run config's defaults, through the synthesis
+    stage's own functions (``prepare_generation``, ``generate_jobs``; oscar_bench.project):
     bf16/fp16 on CUDA, the batch size from free memory, fused QKV, ``torch.compile`` of the UNet and VAE
     decoder on CUDA (its warm-up call's seconds are the "compile s"), the PNG writer pool, every image
     written. One warm-up batch follows the compilation (its seconds are the "warm-up s"); the timed
@@ -33,18 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oscar_bench.architectures import DiffusionParts, build_diffusion
 from oscar_bench.context import Context
-from oscar_bench.project import (
-    PreparedPipeline,
-    project_dtype,
-    project_generate,
-    project_pipeline,
-    project_prepare,
-    stage_cuda_settings,
-)
+from oscar_bench.project import project_generate, project_pipeline, stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import timed
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
+from oscar_server.generation import PreparedPipeline, generation_dtype, prepare_generation
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +73,12 @@ def run(ctx: Context) -> dict[str, Any]:
     official = _official_row(ctx, parts, resolution=resolution, steps=steps, guidance=guidance, flops=flops)
     rows = [official]
 
-    dtype = project_dtype(config, ctx.device)
+    dtype = generation_dtype(config.dtype, ctx.device)
     # The project runs in its own dtype; the float32 parts stay as the official loop had them.
     project_parts = parts if dtype == torch.float32 else _converted(parts, dtype)
     with stage_cuda_settings(config):
         pipe = project_pipeline(project_parts, device=ctx.device, config=config)
-        prepared, prepare_seconds = timed(lambda: project_prepare(pipe, device=ctx.device, config=config), ctx.device)
+        prepared, prepare_seconds = timed(lambda: prepare_generation(pipe, config, ctx.device), ctx.device)
         batch = prepared.batch_size
         pipe.scheduler.set_timesteps(steps)
         project_unet_calls = len(pipe.scheduler.timesteps)

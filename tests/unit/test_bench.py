@@ -21,6 +21,7 @@ from oscar_bench.sections import SECTIONS
 from oscar_bench.sections.inversion import checks, cost_model
 from oscar_bench.sections.synthesis import count_flops
 from oscar_common.config import OscarConfig
+from oscar_server import generation
 from oscar_server.generation import generate_images, prepare_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,8 +142,9 @@ def test_markdown_tables_are_written_and_printed_last(tiny_run):
 
 
 def test_synthesis_times_the_stages_calls_and_reports_the_compile_seconds(tmp_path, monkeypatch):
-    """What the synthesis section hands the project's functions, and where "compile s" comes from:
-    prepare_pipeline's return value (here a stand-in figure: nothing compiles on a CPU)."""
+    """What the synthesis section hands the stage's functions (through prepare_generation and generate_jobs),
+    and where "compile s" comes from: prepare_pipeline's return value (here a stand-in figure: nothing
+    compiles on a CPU)."""
     calls = {}
 
     def prepare(pipe, **kwargs):
@@ -156,8 +158,8 @@ def test_synthesis_times_the_stages_calls_and_reports_the_compile_seconds(tmp_pa
                                                  "pngs": len(list(Path(out_dir).rglob("*.png")))})
         return result
 
-    monkeypatch.setattr(project, "prepare_pipeline", prepare)
-    monkeypatch.setattr(project, "generate_images", generate)
+    monkeypatch.setattr(generation, "prepare_pipeline", prepare)
+    monkeypatch.setattr(generation, "generate_images", generate)
     _run(["--tiny", "--out", str(tmp_path), "--device", "cpu", "--sections", "synthesis"])
     doc = json.loads((tmp_path / "bench.json").read_text())
     (row,) = [r for r in doc["sections"]["synthesis"]["rows"] if r["key"] == "project"]

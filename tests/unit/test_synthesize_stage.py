@@ -16,8 +16,9 @@ from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
 from oscar_server import stage_launcher
 from oscar_server.run_dir import RunDirectory
+from oscar_server.stage import SYNTHESIS, TRAINING
 from oscar_server.stage_launcher import StageFailed, launch_command, run_stage
-from oscar_server.synthesize import SynthesisSummary, main, summary_path, synthesize_run
+from oscar_server.synthesize import main, synthesize_run
 
 CLASSES = "aircraft_carrier,cat,dog"
 IMAGES = 2 * 2 + 2 * 2  # alpha: classes 0 and 1 (two prototypes), beta: classes 0 and 2; 2 images each
@@ -87,17 +88,16 @@ def test_cli_writes_prompts_and_images_reruns_resumes_and_refuses_other_settings
     # Underscores become spaces in what Stable Diffusion reads; folders keep the class folder name.
     assert prompts[0]["prompt"] == f"aircraft carrier, {prompts[0]['decoded']}"
     assert prompts[0]["class_name"] == "aircraft_carrier"
-    summary = json.loads(summary_path(run_dir).read_text())
-    assert (summary["stage"], summary["images"], summary["generated"], summary["processes"]) == (
-        "synthesis", IMAGES, IMAGES, 1)
-    assert summary["devices"] == ["cpu"] and summary["dtype"] == "float32" and summary["batch_size"] == 4
-    assert summary["compile_seconds"] == 0.0 and summary["images_per_second"] > 0
-    assert summary["prompts"] == prompts
+    summary = SYNTHESIS.read_summary(run_dir)
+    assert (summary.stage, summary.images, summary.generated, summary.processes) == ("synthesis", IMAGES, IMAGES, 1)
+    assert summary.devices == ["cpu"] and summary.dtype == "float32" and summary.batch_size == 4
+    assert summary.compile_seconds == 0.0 and summary.images_per_second > 0
+    assert summary.prompts == prompts
 
     # A rerun on a finished stage generates nothing and touches nothing.
     before, prompt_bytes = mtimes(run_dir), run_dir.prompts_path.read_bytes()
     main([str(root)])
-    assert json.loads(summary_path(run_dir).read_text())["generated"] == 0
+    assert SYNTHESIS.read_summary(run_dir).generated == 0
     assert mtimes(run_dir) == before
 
     # A stage killed part-way leaves some images missing: a rerun makes exactly those, the same ones.
@@ -105,7 +105,7 @@ def test_cli_writes_prompts_and_images_reruns_resumes_and_refuses_other_settings
     for path in lost:
         path.unlink()
     main([str(root)])
-    assert json.loads(summary_path(run_dir).read_text())["generated"] == 2
+    assert SYNTHESIS.read_summary(run_dir).generated == 2
     after = mtimes(run_dir)
     assert {p: t for p, t in after.items() if p not in lost} == {p: t for p, t in before.items() if p not in lost}
     assert run_dir.prompts_path.read_bytes() == prompt_bytes
@@ -152,21 +152,21 @@ def test_tokens_scheme_conditions_on_the_uploaded_states(tmp_path: Path) -> None
     pixels = images(run_dir)
     # alpha's class 1 alternates between its two prototypes: images 0 and 1 come from different means.
     assert np.abs(pixels[Path("cat/alpha__c0001__000.png")] - pixels[Path("cat/alpha__c0001__001.png")]).mean() > 1
-    assert SynthesisSummary.from_dict(json.loads(summary_path(run_dir).read_text())) == summary
+    assert SYNTHESIS.read_summary(run_dir) == summary
 
 
 def test_two_processes_make_the_images_of_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The tokens scheme (no prompt inversion), to keep the test short: it is about sharing out the images."""
     one = make_run(tmp_path / "one", stage_config(tmp_path / "one", scheme="tokens"), payloads("tokens"))
-    summary = run_stage("synthesis", one, stage_config(one.root, scheme="tokens"))  # auto: 1 on CPU, in-process
-    assert (summary["processes"], summary["generated"]) == (1, IMAGES)
+    summary = run_stage(SYNTHESIS, one, stage_config(one.root, scheme="tokens"))  # auto: 1 on CPU, in-process
+    assert (summary.processes, summary.generated) == (1, IMAGES)
 
     cfg = stage_config(tmp_path / "two", scheme="tokens", **{"num-processes": 2})
     two = make_run(tmp_path / "two", cfg, payloads("tokens"))
     caplog.set_level("INFO", logger="oscar.stages")
-    summary = run_stage("synthesis", two, cfg)
+    summary = run_stage(SYNTHESIS, two, cfg)
 
-    assert (summary["processes"], summary["devices"], summary["generated"]) == (2, ["cpu", "cpu"], IMAGES)
+    assert (summary.processes, summary.devices, summary.generated) == (2, ["cpu", "cpu"], IMAGES)
     a, b = images(one), images(two)
     assert sorted(a) == sorted(b) and len(a) == IMAGES
     worst = max(int(np.abs(a[p] - b[p]).max()) for p in a)
@@ -183,27 +183,24 @@ def test_a_failed_child_names_the_stage_exit_code_and_last_lines(tmp_path: Path,
     script = "import sys; print('loading'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"
     monkeypatch.setattr(stage_launcher, "launch_command", lambda *args: [sys.executable, "-c", script])
     with pytest.raises(StageFailed, match=r"the synthesis stage failed with exit code 3 .*\nloading\nCUDA out of memory"):
-        run_stage("synthesis", run_dir, cfg)
+        run_stage(SYNTHESIS, run_dir, cfg)
 
     with pytest.raises(ValueError, match="differs from the configuration"):
-        run_stage("synthesis", run_dir, cfg.replace(guidance_scale=2.0))
-    with pytest.raises(ValueError, match="unknown stage 'painting'"):
-        run_stage("painting", run_dir, cfg)
+        run_stage(SYNTHESIS, run_dir, cfg.replace(guidance_scale=2.0))
 
 
 def test_launch_commands_and_child_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = RunDirectory(tmp_path / "run")
-    spec = stage_launcher.STAGES["synthesis"]
-    cpu = launch_command(spec, run_dir, stage_config(run_dir.root), 2)
+    cpu = launch_command(SYNTHESIS, run_dir, stage_config(run_dir.root), 2)
     assert cpu == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "oscar_server.synthesize", str(run_dir.root)]
 
     gpu_cfg = stage_config(run_dir.root, device="auto", **{"accelerate-config": "/etc/acc.yaml"})
     monkeypatch.setattr(stage_launcher, "resolve_device", lambda name: stage_launcher.torch.device("cuda"))
-    gpu = launch_command(stage_launcher.STAGES["training"], run_dir, gpu_cfg, 8)
+    gpu = launch_command(TRAINING, run_dir, gpu_cfg, 8)
     assert gpu == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "8",
                    "--config_file", "/etc/acc.yaml", "-m", "oscar_server.train", str(run_dir.root)]
-    default = launch_command(spec, run_dir, gpu_cfg.replace(accelerate_config=""), 8)
+    default = launch_command(SYNTHESIS, run_dir, gpu_cfg.replace(accelerate_config=""), 8)
     assert default[6] == "--main_process_port" and int(default[7]) > 0
 
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")

@@ -20,8 +20,9 @@ from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
 from oscar_server.fingerprint import StageSettingsChanged
 from oscar_server.run_dir import RunDirectory
+from oscar_server.stage import TRAINING
 from oscar_server.stage_launcher import run_stage
-from oscar_server.train import SyntheticSetIncomplete, TrainingSummary, main, summary_path, train_run
+from oscar_server.train import SyntheticSetIncomplete, main, train_run
 
 CLASSES = ("cat", "dog", "sea_horse")
 SETTINGS = {"class-names": ",".join(CLASSES), "images-per-class": 4, "classifier-image-size": 32,
@@ -75,16 +76,16 @@ def test_stage_trains_then_reuses_its_model(tmp_path: Path, caplog) -> None:
     assert summary.processes == 1 and summary.devices == ["cpu"] and summary.precision == "fp32"
     assert len(summary.losses) == len(summary.accuracies) == 2 and 1 <= summary.best_epoch <= 2
     assert summary.train_accuracy == max(summary.accuracies) and summary.images_per_second > 0
-    assert TrainingSummary.load(summary_path(RunDirectory(root))) == summary  # what the launcher reads
+    assert TRAINING.read_summary(RunDirectory(root)) == summary  # what the launcher reads
     model = load_classifier(root / "model.safetensors", 3, CLASSES)  # checked against the class names
     assert model.fc.out_features == 3 and (root / "checkpoint.safetensors").exists()
     weights = _weights(root)
 
-    summary_path(RunDirectory(root)).unlink()  # as the stage launcher does before every run
+    TRAINING.summary_path(RunDirectory(root)).unlink()  # as the stage launcher does before every run
     with caplog.at_level(logging.INFO, logger="oscar.train"):
         again = train_run(root, _cfg(root))
     assert again.status == "reused" and again.losses == summary.losses and again.seconds == summary.seconds
-    assert "reusing" in caplog.text and TrainingSummary.load(summary_path(RunDirectory(root))) == again
+    assert "reusing" in caplog.text and TRAINING.read_summary(RunDirectory(root)) == again
     assert all(torch.equal(weights[k], v) for k, v in _weights(root).items())
 
 
@@ -109,7 +110,7 @@ def test_killed_stage_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> N
 
     resumed = train_run(root, _cfg(root, **overrides))
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 1
-    expected = TrainingSummary.load(summary_path(RunDirectory(reference)))
+    expected = TRAINING.read_summary(RunDirectory(reference))
     assert resumed.losses == pytest.approx(expected.losses, rel=1e-6)
     assert resumed.lrs == expected.lrs == [1e-3, 1e-3]
     for name, tensor in _weights(reference).items():
@@ -125,7 +126,7 @@ def test_changed_settings_are_refused_until_fresh(tmp_path: Path) -> None:
         main([str(root), "--set", "lr=0.002"])
 
     main([str(root), "--fresh", "--set", "lr=0.002", "--set", "epochs=1"])
-    summary = TrainingSummary.load(summary_path(RunDirectory(root)))
+    summary = TRAINING.read_summary(RunDirectory(root))
     assert summary.status == "trained" and summary.recipe["lr"] == 0.002 and summary.epochs == 1
 
 
@@ -171,11 +172,11 @@ def test_one_and_two_processes_train_the_same_model(tmp_path: Path, monkeypatch)
     shutil.copytree(one, two)
     # Through the server's stage launcher: in this process, and as `torchrun --nproc_per_node 2 -m
     # oscar_server.train` (which reads the run's config.json, so that says num-processes = 2 too).
-    single = TrainingSummary.from_dict(run_stage("training", RunDirectory(one), _cfg(one)))
+    single = run_stage(TRAINING, RunDirectory(one), _cfg(one))
     cfg_two = _cfg(two, **{"num-processes": "2"})
     RunDirectory(two).save_config(cfg_two)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
-    double = TrainingSummary.from_dict(run_stage("training", RunDirectory(two), cfg_two))
+    double = run_stage(TRAINING, RunDirectory(two), cfg_two)
     assert double.processes == 2 and double.devices == ["cpu:0", "cpu:0"] and single.processes == 1
     assert double.unreadable == single.unreadable == ["synthetic/dog/alice__c0001__000.png"]
     assert double.trained_images == single.trained_images == 19
