@@ -20,7 +20,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
 from oscar_common.models import load_clip_text_encoder
-from oscar_common.wire import Upload
+from oscar_common.upload_rules import Upload
 from oscar_common.inversion import InvertedPrompt, invert_embeddings
 from oscar_server.synthesis_jobs import UploadRow, prompt_class_name, row_means
 

@@ -21,7 +21,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.run_config import main as run_config_main
 from oscar_common.wire import (EVALUATE_MESSAGE_TYPE, IDENTIFY_MESSAGE_TYPE, TRAIN_MESSAGE_TYPE, ClientFailure,
-                               DpRecord, Evaluation, Identity, Upload, model_record)
+                               DpRecord, Evaluation, Identity, Upload, model_record, upload_content)
 from oscar_server.report import build_report
 from oscar_server.run_dir import FinishedRunError, RunDirectory
 from oscar_server import strategy as strategy_module
@@ -261,7 +261,7 @@ class ClientsGrid(FakeGrid):
             return _reply(evaluation.to_record(), message_id, node)
         upload = _upload(name, self.encoder)
         upload.means = np.full((1, 512), np.nan if node == 5 else node, np.float32)
-        return _reply(upload.to_record(), message_id, node)
+        return _reply(upload_content(upload), message_id, node)
 
 
 def _safetensors(path: Path) -> tuple[dict, dict]:
@@ -309,7 +309,7 @@ def test_the_rounds_in_waves_give_the_results_of_all_at_once(strategy: OscarStra
 def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStrategy) -> None:
     encoder = strategy.cfg.text_encoder
     for node in (5, 6, 7):
-        strategy.accept_upload(_reply(_upload("plain", encoder).to_record(), f"u{node}", node))
+        strategy.accept_upload(_reply(upload_content(_upload("plain", encoder)), f"u{node}", node))
     assert [c.name for c in strategy.state.clients.values()] == ["plain", "plain-6", "plain-7"]
     assert sorted(p.name for p in strategy.run_dir.payloads_dir.iterdir()) == [
         "plain-6.safetensors", "plain-7.safetensors", "plain.safetensors"]
@@ -325,7 +325,7 @@ def test_a_dp_record_that_does_not_add_up_is_a_named_rejection_and_the_others_pr
     boastful = dataclasses.replace(honest, epsilon=0.5)  # claims epsilon 0.5 with the noise of epsilon 2
     for node, name, record in ((5, "honest", honest), (6, "boastful", boastful)):
         upload = dataclasses.replace(_upload(name, encoder), dp=record)
-        strategy.accept_upload(_reply(upload.to_record(), f"u{node}", node))
+        strategy.accept_upload(_reply(upload_content(upload), f"u{node}", node))
     assert [c.name for c in strategy.state.clients.values()] == ["honest"]
     [rejection] = strategy.state.rejected
     assert (rejection["node_id"], rejection["name"]) == (6, "boastful")
