@@ -16,12 +16,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_json
 from oscar_common.upload_rules import Upload
+from oscar_server.outcomes import Rejection
 from oscar_server.payload_file import read_payload, write_payload
 
 # A run that got this far is never resumed (its report would be overwritten); a failed one may be.
@@ -113,14 +114,14 @@ class RunDirectory:
         """An upload saved by :meth:`save_payload` and its node, validated again by the wire's rules."""
         return read_payload(path)
 
-    def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[dict]) -> None:
+    def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[Rejection]) -> None:
         """Mark the upload round as over: (node id, client name, upload bytes) of each accepted upload."""
         atomic_write_json(self.uploads_path, {
             "accepted": [{"node_id": n, "client_name": c, "upload_bytes": b} for n, c, b in accepted],
-            "rejected": rejected,
+            "rejected": [asdict(rejection) for rejection in rejected],
         })
 
-    def load_upload_round(self) -> tuple[list[tuple[Upload, int, int]], list[dict]] | None:
+    def load_upload_round(self) -> tuple[list[tuple[Upload, int, int]], list[Rejection]] | None:
         """The finished upload round, or None if it never finished (then clients must upload again)."""
         if not self.uploads_path.exists():
             return None
@@ -129,7 +130,7 @@ class RunDirectory:
         for entry in record["accepted"]:
             upload, node_id = self.load_payload(self.payloads_dir / f"{entry['client_name']}.safetensors")
             accepted.append((upload, node_id, int(entry["upload_bytes"])))
-        return accepted, list(record["rejected"])
+        return accepted, [Rejection(**entry) for entry in record["rejected"]]
 
     def accepted_uploads(self) -> list[Upload]:
         """The accepted uploads of the finished upload round, ordered by client name (the order every

@@ -18,6 +18,7 @@ from oscar_common.config import OscarConfig
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma
 from oscar_common.upload_rules import DpRecord, Expectation, PayloadError, SharedCounts, Upload
 from oscar_common.wire import parse_upload, upload_content
+from oscar_server.outcomes import Rejection
 from oscar_server.run_dir import RunDirectory
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,8 @@ def test_a_file_that_is_no_payload_is_refused_by_name(tmp_path: Path) -> None:
 def test_reading_a_run_directory_loads_no_flower_module() -> None:
     """The server stages only read a run directory: importing it (and its payload codec) must not import
     Flower (checked in a fresh interpreter, where nothing else imported it first)."""
-    modules = ("oscar_server.run_dir", "oscar_server.payload_file", "oscar_common.upload_rules")
+    modules = ("oscar_server.run_dir", "oscar_server.payload_file", "oscar_common.upload_rules",
+               "oscar_server.outcomes")
     probe = (f"import sys; import {', '.join(modules)}; "
              "print(sorted(name for name in sys.modules if name == 'flwr' or name.startswith('flwr.')))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, check=True)
@@ -103,6 +105,18 @@ def test_reading_a_run_directory_loads_no_flower_module() -> None:
     wire = subprocess.run([sys.executable, "-c", probe.replace("import oscar_server.run_dir", "import oscar_common.wire")],
                           cwd=PROJECT, capture_output=True, text=True, check=True)
     assert "'flwr'" in wire.stdout
+
+
+def test_the_upload_round_keeps_its_rejections_typed(tmp_path: Path) -> None:
+    run_dir = RunDirectory(tmp_path)
+    run_dir.save_payload(_upload(client_name="kept"), 4)
+    rejections = [Rejection(node_id=8, name="evil", reason="invalid payload: means contain NaN"),
+                  Rejection(node_id=9, name=None, reason="no upload reply, and none from any node for 5s")]
+    run_dir.save_upload_round([(4, "kept", 100)], rejections)
+    accepted, rejected = run_dir.load_upload_round()
+    assert rejected == rejections and [(u.client_name, n, b) for u, n, b in accepted] == [("kept", 4, 100)]
+    assert json.loads(run_dir.uploads_path.read_text())["rejected"][0] == {
+        "node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN", "round": "upload"}
 
 
 def test_uploads_are_read_in_client_name_order(tmp_path: Path) -> None:
