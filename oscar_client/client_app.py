@@ -41,6 +41,7 @@ from oscar_common.wire import (
     TrainInstruction,
     instruction_record,
     model_blob,
+    upload_content,
 )
 
 log = logging.getLogger("oscar.client")
@@ -86,7 +87,7 @@ def _upload(msg: Message, context: Context) -> Message:
     log.info("client %s: uploading %d rows of shape %s (%s) after %.1fs; what stays here: %s", node.name,
              len(upload.class_ids), list(upload.means.shape[1:]),
              f"DP epsilon {upload.dp.epsilon:g}" if upload.dp else "no DP", time.monotonic() - started, summary)
-    return Message(content=upload.to_record(), reply_to=msg)
+    return Message(content=upload_content(upload), reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
@@ -25,10 +25,8 @@ from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
 from oscar_common.inversion import InvertedPrompt, invert_embeddings, inversion_chunk_size
 from oscar_common.models import load_clip_text_encoder
+from oscar_common.upload_rules import Upload
 from oscar_server.synthesis_jobs import UploadRow, prompt_class_name, row_means
-
-if TYPE_CHECKING:  # the wire module needs Flower; inverting prompts does not (e.g. oscar-bench's GPU box)
-    from oscar_common.wire import Upload
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ evaluate: ``problems`` lists each), ``failed`` (the run stopped: ``error`` says 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models import stand_in_note
+from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
-from oscar_server.strategy import RunState, rejected_sender
+from oscar_server.strategy import RunState
 from oscar_server.synthesis_jobs import synthetic_images
 
 # samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
@@ -34,45 +36,22 @@ def natural_key(name: str) -> list[str | int]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def run_status(report_clients: list[dict[str, Any]], rejected: list[dict[str, Any]],
-               error: str | None) -> tuple[str, list[str]]:
+def run_status(clients: list[ClientOutcome], rejected: list[Rejection], error: str | None) -> tuple[str, list[str]]:
     """(status, problems): what completed and what did not, one line per client that fell short."""
-    problems = [f"{rejected_sender(r)}: upload rejected: {r['reason']}" for r in rejected]
-    problems += [f"{c['name']}: no evaluation: {c['evaluation_error'] or 'no reply'}"
-                 for c in report_clients if c["test_accuracy"] is None]
+    problems = [f"{r.sender}: upload rejected: {r.reason}" for r in rejected]
+    problems += [f"{c.name}: no evaluation: {c.evaluation_error or 'no reply'}"
+                 for c in clients if c.evaluation is None]
     if error is not None:
         return "failed", problems
     return ("partial" if problems else "completed"), problems
 
 
 def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) -> dict[str, Any]:
-    clients = []
-    for client in sorted(state.clients.values(), key=lambda c: natural_key(c.name)):
-        upload, evaluation = client.upload, client.evaluation or {}
-        shared = upload.shared
-        clients.append({
-            "node_id": client.node_id,
-            "name": client.name,
-            "classes_uploaded": [cfg.class_names[c] for c in upload.classes],
-            "prototypes_per_class": upload.prototypes_per_class,
-            "payload_shape": upload.feature_shape,
-            "upload_bytes": client.upload_bytes,
-            "download_bytes": client.download_bytes,
-            "differential_privacy": None if upload.dp is None else upload.dp.as_dict(),
-            # only with share-counts (docs/privacy.md): otherwise these stay on the client
-            "shared_counts": None if shared is None else {
-                "num_images": shared.num_images, "unreadable_images": shared.unreadable_images,
-                "skipped_classes": shared.skipped_classes,
-                "images_per_row": None if upload.counts is None else upload.counts.tolist()},
-            "test_accuracy": evaluation.get("accuracy"),
-            "num_test": evaluation.get("num_test"),
-            "unreadable_test_images": evaluation.get("unreadable_test_images"),
-            "per_class_accuracy": evaluation.get("per_class_accuracy"),
-            "evaluation_error": evaluation.get("error"),
-        })
-    status, problems = run_status(clients, state.rejected, error)
-    evaluated = [c for c in clients if c["test_accuracy"] is not None]
-    n_test = sum(c["num_test"] for c in evaluated)
+    """report.json's content: the run's typed results (:mod:`oscar_server.outcomes`, the stage summaries)
+    as JSON values."""
+    outcomes = sorted(state.clients.values(), key=lambda c: natural_key(c.name))
+    status, problems = run_status(outcomes, state.rejected, error)
+    totals = tally(outcomes, state.rejected)
     synthesis, training = state.synthesis, state.training
     models = {key: cfg.to_dict()[key] for key in ("captioner", "text-encoder", "diffusion-model")}
     stand_ins = {model_id: note for model_id in models.values() if (note := stand_in_note(model_id))}
@@ -83,8 +62,8 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
         "resumed": state.resumed,
         "models": {"ids": models, "stand_ins": stand_ins},
         "config": cfg.to_dict(),
-        "clients": clients,
-        "rejected": state.rejected,
+        "clients": [client_json(client, cfg.class_names) for client in outcomes],
+        "rejected": [asdict(rejection) for rejection in state.rejected],
         "synthesis": None if synthesis is None else {
             "scheme": synthesis.scheme,
             "images": synthesis.images,
@@ -113,16 +92,36 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
             "train_accuracy": training.train_accuracy,
             "losses": [round(x, 5) for x in training.losses],
         },
-        "accuracy": {
-            "mean": sum(c["test_accuracy"] for c in evaluated) / len(evaluated) if evaluated else None,
-            "weighted": (sum(c["test_accuracy"] * c["num_test"] for c in evaluated) / n_test) if n_test else None,
-        },
-        "communication": {
-            "upload_bytes_total": sum(c["upload_bytes"] for c in clients),
-            "download_bytes_total": sum(c["download_bytes"] for c in clients),
-        },
+        "accuracy": {"mean": totals.mean_accuracy, "weighted": totals.weighted_accuracy},
+        "communication": {"upload_bytes_total": totals.upload_bytes, "download_bytes_total": totals.download_bytes},
         "stages": stage_timings(state),
         "timings_seconds": {k: round(v, 2) for k, v in state.timings.items()},
+    }
+
+
+def client_json(client: ClientOutcome, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """One row of report.json's ``clients``."""
+    upload, evaluation, shared = client.upload, client.evaluation, client.upload.shared
+    return {
+        "node_id": client.node_id,
+        "name": client.name,
+        "classes_uploaded": [class_names[c] for c in upload.classes],
+        "prototypes_per_class": upload.prototypes_per_class,
+        "payload_shape": upload.feature_shape,
+        "upload_bytes": client.upload_bytes,
+        "download_bytes": client.download_bytes,
+        "differential_privacy": None if upload.dp is None else upload.dp.as_dict(),
+        # only with share-counts (docs/privacy.md): otherwise these stay on the client
+        "shared_counts": None if shared is None else {
+            "num_images": shared.num_images, "unreadable_images": shared.unreadable_images,
+            "skipped_classes": shared.skipped_classes,
+            "images_per_row": None if upload.counts is None else upload.counts.tolist()},
+        "test_accuracy": None if evaluation is None else evaluation.accuracy,
+        "num_test": None if evaluation is None else evaluation.num_examples,
+        "unreadable_test_images": None if evaluation is None else evaluation.unreadable_images,
+        "per_class_accuracy": None if evaluation is None else {
+            class_names[c]: round(a, 4) for c, a in sorted(evaluation.per_class.items())},
+        "evaluation_error": client.evaluation_error,
     }
 
 
@@ -164,7 +163,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Clients", "", client_table(report), "",
     ]
     acc = report["accuracy"]
-    if acc["mean"] is not None:
+    if acc["weighted"] is not None:  # None: no client evaluated (or none had test images)
         lines += [f"Overall accuracy **{acc['weighted']:.4f}**: correct predictions / test images over all clients, "
                   "the official code's \"Overall\" (compare this one with the paper's Table I); unweighted mean "
                   f"over clients {acc['mean']:.4f}.", ""]

@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.numpy import save
-
 from oscar_common.config import OscarConfig
-from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.wire import Upload, upload_from_stored
+from oscar_common.files import atomic_write_json
+from oscar_common.upload_rules import Upload
+from oscar_server.outcomes import Rejection
+from oscar_server.payload_file import read_payload, write_payload
 
 # A run that got this far is never resumed (its report would be overwritten); a failed one may be.
 FINISHED_STATUSES = ("completed", "partial")
@@ -106,30 +105,23 @@ class RunDirectory:
         atomic_write_json(self.config_path, cfg.to_dict())
 
     def save_payload(self, upload: Upload, node_id: int) -> Path:
-        """Persist an accepted upload as the wire carried it: its arrays as safetensors and its metadata
-        (the same keys as the wire's metadata record, JSON-encoded), plus the node it came from."""
+        """Persist an accepted upload as the wire carried it (:mod:`oscar_server.payload_file`)."""
         path = self.payloads_dir / f"{upload.client_name}.safetensors"
-        metadata = {key: json.dumps(value) for key, value in upload.meta().items()}
-        metadata["oscar.node-id"] = json.dumps(int(node_id))
-        atomic_write_bytes(path, save(upload.arrays(), metadata=metadata))
+        write_payload(path, upload, node_id)
         return path
 
     def load_payload(self, path: Path) -> tuple[Upload, int]:
-        """An upload saved by :meth:`save_payload`, validated again by the wire module; never unpickled."""
-        with safe_open(str(path), framework="np") as handle:
-            meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
-        node_id = int(meta.pop("oscar.node-id"))
-        return upload_from_stored(arrays, meta), node_id
+        """An upload saved by :meth:`save_payload` and its node, validated again by the wire's rules."""
+        return read_payload(path)
 
-    def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[dict]) -> None:
+    def save_upload_round(self, accepted: list[tuple[int, str, int]], rejected: list[Rejection]) -> None:
         """Mark the upload round as over: (node id, client name, upload bytes) of each accepted upload."""
         atomic_write_json(self.uploads_path, {
             "accepted": [{"node_id": n, "client_name": c, "upload_bytes": b} for n, c, b in accepted],
-            "rejected": rejected,
+            "rejected": [asdict(rejection) for rejection in rejected],
         })
 
-    def load_upload_round(self) -> tuple[list[tuple[Upload, int, int]], list[dict]] | None:
+    def load_upload_round(self) -> tuple[list[tuple[Upload, int, int]], list[Rejection]] | None:
         """The finished upload round, or None if it never finished (then clients must upload again)."""
         if not self.uploads_path.exists():
             return None
@@ -138,7 +130,7 @@ class RunDirectory:
         for entry in record["accepted"]:
             upload, node_id = self.load_payload(self.payloads_dir / f"{entry['client_name']}.safetensors")
             accepted.append((upload, node_id, int(entry["upload_bytes"])))
-        return accepted, list(record["rejected"])
+        return accepted, [Rejection(**entry) for entry in record["rejected"]]
 
     def accepted_uploads(self) -> list[Upload]:
         """The accepted uploads of the finished upload round, ordered by client name (the order every

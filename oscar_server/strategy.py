@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -44,7 +43,6 @@ from oscar_common.wire import (
     Expectation,
     Identity,
     PayloadError,
-    Upload,
     claimed_name,
     evaluate_content,
     model_record,
@@ -53,6 +51,7 @@ from oscar_common.wire import (
     train_content,
     wire_size,
 )
+from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stage import SYNTHESIS, TRAINING
 from oscar_server.stage_launcher import run_stage
@@ -68,24 +67,11 @@ class NotEnoughClientsError(RuntimeError):
 
 
 @dataclass
-class ClientRecord:
-    node_id: int
-    upload: Upload
-    upload_bytes: int
-    download_bytes: int = 0
-    evaluation: dict[str, Any] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.upload.client_name
-
-
-@dataclass
 class RunState:
     """Everything the report needs, filled in as the run goes."""
 
-    clients: dict[int, ClientRecord] = field(default_factory=dict)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, ClientOutcome] = field(default_factory=dict)  # by node id: the accepted uploads
+    rejected: list[Rejection] = field(default_factory=list)
     synthesis: SynthesisSummary | None = None
     training: TrainingSummary | None = None
     resumed: bool = False
@@ -159,7 +145,7 @@ class OscarStrategy(Strategy):
         messages = []
         for node_id, client in sorted(self.state.clients.items(), key=lambda item: item[1].name):
             if node_id not in connected:  # e.g. gone while the server was synthesising, or before a resume
-                client.evaluation = {"error": "not connected when the model was broadcast"}
+                client.not_evaluated("not connected when the model was broadcast")
                 log.warning("client %s (node %s) is not connected: no model sent", client.name, node_id)
                 continue
             client.download_bytes = size
@@ -172,24 +158,24 @@ class OscarStrategy(Strategy):
             client = self.state.clients.get(self._sender(reply))
             if client is None:
                 continue
-            try:
-                client.evaluation = self._evaluation_of(reply, client)
-            except PayloadError as exc:
-                client.evaluation = {"error": f"invalid evaluation reply: {exc}"}
-            if "error" in client.evaluation:
+            self._take_evaluation(reply, client)
+            if client.evaluation is None:
                 log.warning("client %s (node %s) did not evaluate: %s", client.name, client.node_id,
-                            client.evaluation["error"])
+                            client.evaluation_error)
             else:
                 log.info("client %s (node %s): test accuracy %.4f on %d images", client.name, client.node_id,
-                         client.evaluation["accuracy"], client.evaluation["num_test"])
-        evaluated = [c.evaluation for c in self.state.clients.values() if c.evaluation and "accuracy" in c.evaluation]
-        if not evaluated:
+                         client.evaluation.accuracy, client.evaluation.num_examples)
+        totals = tally(self.state.clients.values(), self.state.rejected)
+        if totals.mean_accuracy is None:
+            log.warning("no client evaluated the model (%d accepted uploads)", totals.clients)
             return None
-        total = sum(e["num_test"] for e in evaluated)
-        return MetricRecord({
-            "accuracy-mean": sum(e["accuracy"] for e in evaluated) / len(evaluated),
-            "accuracy-weighted": sum(e["accuracy"] * e["num_test"] for e in evaluated) / max(1, total),
-        })
+        overall = "—" if totals.weighted_accuracy is None else f"{totals.weighted_accuracy:.4f}"
+        log.info("%d of %d clients evaluated: overall accuracy %s (correct / test images, %d images), mean over "
+                 "clients %.4f", totals.evaluated, totals.clients, overall, totals.test_images, totals.mean_accuracy)
+        metrics = {"accuracy-mean": totals.mean_accuracy}
+        if totals.weighted_accuracy is not None:  # None: the clients that answered had no test images
+            metrics["accuracy-weighted"] = totals.weighted_accuracy
+        return MetricRecord(metrics)
 
     # ------------------------------------------------------------------ one-shot driver
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 1,
@@ -230,7 +216,7 @@ class OscarStrategy(Strategy):
                                "to continue that run, or choose another run-name")
         accepted, rejected = saved
         for upload, node_id, upload_bytes in accepted:
-            self.state.clients[node_id] = ClientRecord(node_id=node_id, upload=upload, upload_bytes=upload_bytes)
+            self.state.clients[node_id] = ClientOutcome(node_id=node_id, upload=upload, upload_bytes=upload_bytes)
         self.state.rejected = rejected
         self.state.resumed = True
         log.info("resuming %s: %d uploads from the run dir, no new upload round (%d rejected before)",
@@ -284,7 +270,7 @@ class OscarStrategy(Strategy):
         if upload.client_name in self._accepted_names:  # a set: 100 uploads, not 100 x 100 comparisons
             upload.client_name = f"{upload.client_name}-{node_id}"  # names must be unique on disk
         self._accepted_names.add(upload.client_name)
-        record = ClientRecord(node_id=node_id, upload=upload, upload_bytes=wire_size(reply.content))
+        record = ClientOutcome(node_id=node_id, upload=upload, upload_bytes=wire_size(reply.content))
         self.state.clients[node_id] = record
         path = self.run_dir.save_payload(upload, node_id)
         log.info("accepted upload from node %s (%s): %d classes, means %s, %d bytes%s -> %s", node_id,
@@ -292,27 +278,29 @@ class OscarStrategy(Strategy):
                  f", DP epsilon {upload.dp.epsilon:g}" if upload.dp else "", path.name)
 
     # ------------------------------------------------------------------ helpers
-    def _evaluation_of(self, reply: Message, client: ClientRecord) -> dict[str, Any]:
+    def _take_evaluation(self, reply: Message, client: ClientOutcome) -> None:
+        """The client's evaluation as it sent it, or why there is none."""
         if reply.has_error():
             log.debug("client %s's evaluation raised:\n%s", client.name, reply.error.reason)
-            return {"error": one_line(reply.error.reason)}
+            client.not_evaluated(one_line(reply.error.reason))
+            return
         failure = ClientFailure.from_content(reply.content)
         if failure is not None:
-            return {"error": failure.reason}
-        result = Evaluation.from_content(reply.content, len(self.cfg.class_names))
-        return {
-            "accuracy": result.accuracy,
-            "num_test": result.num_examples,
-            "unreadable_test_images": result.unreadable_images,
-            "per_class_accuracy": {self.cfg.class_names[c]: round(a, 4) for c, a in sorted(result.per_class.items())},
-        }
+            client.not_evaluated(failure.reason)
+            return
+        try:
+            client.evaluation = Evaluation.from_content(reply.content, len(self.cfg.class_names))
+        except PayloadError as exc:
+            client.not_evaluated(f"invalid evaluation reply: {exc}")
+            return
+        client.evaluation_error = None
 
     def _sender(self, reply: Message) -> int:
         return self._recipients.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
-    def _reject(self, node_id: int, reason: str, name: str | None = None) -> None:
+    def _reject(self, node_id: int, reason: str, name: str | None = None, in_round: str = "upload") -> None:
         log.warning("rejected node %s%s: %s", node_id, f" ({name})" if name else "", reason)
-        self.state.rejected.append({"node_id": node_id, "name": name, "reason": reason})
+        self.state.rejected.append(Rejection(node_id=node_id, name=name, reason=reason, round=in_round))
 
     def _wait_for_nodes(self, grid: Grid, count: int, required: bool = True) -> list[int]:
         """Until ``count`` nodes are connected; past the timeout, fail (``required``) or go on with those there."""
@@ -399,20 +387,16 @@ class OscarStrategy(Strategy):
         if what == "identify":
             log.warning("node %s: %s", node_id, reason)
         elif node_id in self.state.clients:  # uploaded, but did not evaluate
-            self.state.clients[node_id].evaluation = {"error": reason}
+            self.state.clients[node_id].not_evaluated(reason)
             log.warning("client %s (node %s): %s", self.state.clients[node_id].name, node_id, reason)
         else:
-            self._reject(node_id, reason)
+            self._reject(node_id, reason, in_round=what)
 
 
-def rejected_sender(rejection: dict[str, Any]) -> str:
-    """Who sent a rejected upload: the name it claimed, else its node."""
-    return rejection.get("name") or f"node {rejection['node_id']}"
-
-
-def _rejections_hint(rejected: list[dict[str, Any]]) -> str:
+def _rejections_hint(rejected: list[Rejection]) -> str:
     """The first rejection reasons, so the failure line says why without opening the report."""
     if not rejected:
         return ""
-    shown = "; ".join(f"{rejected_sender(r)}: {r['reason']}" for r in rejected[:3])
+    shown = "; ".join(f"{r.sender}: {r.reason}" for r in rejected[:3])
     return f" (rejected: {shown}{' ...' if len(rejected) > 3 else ''})"
+

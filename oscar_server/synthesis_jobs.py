@@ -17,14 +17,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from oscar_common.files import safe_filename
-
-if TYPE_CHECKING:  # the wire module needs Flower; planning jobs does not (e.g. oscar-bench's GPU box)
-    from oscar_common.wire import Upload
+from oscar_common.upload_rules import Upload
 
 
 def image_seed(base_seed: int, client: str, class_id: int, index: int) -> int:
@@ -49,7 +45,7 @@ class UploadRow:
     row: int  # index into the upload's ``means``
 
 
-def upload_rows(payloads: Iterable["Upload"]) -> list[UploadRow]:
+def upload_rows(payloads: Iterable[Upload]) -> list[UploadRow]:
     """Every conditioning row of the uploads, ordered by (client name, class id, prototype)."""
     rows = []
     for payload in sorted(payloads, key=lambda p: p.client_name):
@@ -63,7 +59,7 @@ def upload_rows(payloads: Iterable["Upload"]) -> list[UploadRow]:
     return rows
 
 
-def row_means(rows: list[UploadRow], payloads: Iterable["Upload"]) -> torch.Tensor:
+def row_means(rows: list[UploadRow], payloads: Iterable[Upload]) -> torch.Tensor:
     """The uploaded means of ``rows``, stacked in that order, float32 (they may travel as float16)."""
     means = {p.client_name: torch.from_numpy(p.means).float() for p in payloads}
     return torch.stack([means[row.client][row.row] for row in rows])

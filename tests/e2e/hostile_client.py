@@ -11,7 +11,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from oscar_common.wire import UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, TrainInstruction, Upload, instruction_record
+from oscar_common.wire import (UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, TrainInstruction, Upload, instruction_record,
+                               upload_content)
 
 app = ClientApp()
 DIM = 512
@@ -34,7 +35,7 @@ def _corrupt(kind: str, upload: Upload) -> RecordDict:
     if kind == "old-format":
         return RecordDict({"oscar.payload": ArrayRecord({"means": Array(upload.means)}),
                            "oscar.meta": ConfigRecord({"format-version": 1})})
-    content = upload.to_record()
+    content = upload_content(upload)
     arrays = content.array_records[UPLOAD_ARRAYS_KEY]
     broken = {
         "extra-array": lambda: arrays.__setitem__("raw_images", Array(np.zeros((2, 8, 8), dtype=np.uint8))),

@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from oscar_common.config import OscarConfig
-from oscar_common.wire import Upload
+from oscar_common.wire import Evaluation, Upload
 from oscar_server import report as report_module
 from oscar_server.report import SAMPLE_COLUMNS, SAMPLE_ROWS, build_report, render_markdown, status_line, write_report
 from oscar_server.run_dir import RunDirectory
-from oscar_server.strategy import ClientRecord, RunState
+from oscar_server.outcomes import ClientOutcome, Rejection
+from oscar_server.strategy import RunState
 from oscar_server.synthesis_jobs import SynthesisJob
 
 CLASSES = tuple(f"class_{i}" for i in range(25))
@@ -26,10 +27,12 @@ def _state(names: list[str], evaluated: set[str]) -> RunState:
     for node, name in enumerate(names):
         upload = Upload(class_ids=np.array([0, 1]), means=np.ones((2, 512), np.float32), scheme="pooled",
                         encoder_id="openai/clip-vit-base-patch32", client_name=name)
-        record = ClientRecord(node_id=node, upload=upload, upload_bytes=4200)
-        record.evaluation = ({"accuracy": 0.5, "num_test": 10, "per_class_accuracy": {}} if name in evaluated
-                             else {"error": "ClassifierFormatError: wrong classes"})
-        state.clients[node] = record
+        outcome = ClientOutcome(node_id=node, upload=upload, upload_bytes=4200)
+        if name in evaluated:
+            outcome.evaluation = Evaluation(client_name=name, accuracy=0.5, num_examples=10, per_class={})
+        else:
+            outcome.not_evaluated("ClassifierFormatError: wrong classes")
+        state.clients[node] = outcome
     return state
 
 
@@ -37,7 +40,7 @@ def test_status_says_what_completed_and_what_did_not() -> None:
     cfg = OscarConfig(class_names=CLASSES)
     assert build_report(cfg, _state(["a", "b"], {"a", "b"}))["status"] == "completed"
     state = _state(["a", "b"], {"a"})
-    state.rejected.append({"node_id": 9, "name": "c", "reason": "client failed: no data"})
+    state.rejected.append(Rejection(node_id=9, name="c", reason="client failed: no data"))
     report = build_report(cfg, state)
     assert report["status"] == "partial"
     assert report["problems"] == ["c: upload rejected: client failed: no data",
@@ -49,7 +52,7 @@ def test_status_says_what_completed_and_what_did_not() -> None:
 
 def test_report_states_the_prompt_template_and_the_official_overall() -> None:
     state = _state(["a", "b"], {"a", "b"})
-    state.clients[1].evaluation = {"accuracy": 0.9, "num_test": 30, "per_class_accuracy": {}}  # a: 0.5 of 10
+    state.clients[1].evaluation = Evaluation(client_name="b", accuracy=0.9, num_examples=30, per_class={})  # a: 0.5 of 10
     markdown = render_markdown(build_report(OscarConfig(class_names=CLASSES), state))
     assert "through the template `{class_name}, {prompt}` (the class name in the prompt is this project's" in markdown
     assert "Overall accuracy **0.8000**: correct predictions / test images" in markdown  # (5 + 27) / 40

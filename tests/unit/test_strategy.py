@@ -21,11 +21,12 @@ from oscar_common.config import OscarConfig
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.run_config import main as run_config_main
 from oscar_common.wire import (EVALUATE_MESSAGE_TYPE, IDENTIFY_MESSAGE_TYPE, TRAIN_MESSAGE_TYPE, ClientFailure,
-                               DpRecord, Evaluation, Identity, Upload, model_record)
+                               DpRecord, Evaluation, Identity, Upload, model_record, upload_content)
 from oscar_server.report import build_report
 from oscar_server.run_dir import FinishedRunError, RunDirectory
 from oscar_server import strategy as strategy_module
-from oscar_server.strategy import ClientRecord, NotEnoughClientsError, OscarStrategy
+from oscar_server.outcomes import ClientOutcome, Rejection
+from oscar_server.strategy import NotEnoughClientsError, OscarStrategy
 
 RAY_TRACEBACK = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1234)\nTraceback (most recent call last):\n"
                  '  File "/x/client_app.py", line 40, in train\n    raise ValueError(msg)\n'
@@ -109,23 +110,24 @@ def test_client_failures_are_rejected_under_the_clients_name_in_one_line(strateg
     strategy.accept_upload(_reply(failure.to_record(), "a", 11))
     strategy.accept_upload(_reply(None, "b", 12, error=RAY_TRACEBACK))
     first, second = strategy.state.rejected
-    assert first == {"node_id": 11, "name": "clipart",
-                     "reason": "client failed: DataDirError: no folder of /data/clipart matches a class of this "
-                               "federation"}
-    assert second["reason"] == "client error: ValueError: no readable training images"
+    assert first == Rejection(node_id=11, name="clipart", round="upload",
+                              reason="client failed: DataDirError: no folder of /data/clipart matches a class of "
+                                     "this federation")
+    assert second.reason == "client error: ValueError: no readable training images"
 
 
 def test_too_few_valid_uploads_fail_the_run_before_any_synthesis(strategy: OscarStrategy) -> None:
-    strategy.state.clients[7] = ClientRecord(node_id=7, upload=_upload("only", strategy.cfg.text_encoder),
-                                             upload_bytes=2048)
-    strategy.state.rejected.append({"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN"})
+    strategy.state.clients[7] = ClientOutcome(node_id=7, upload=_upload("only", strategy.cfg.text_encoder),
+                                              upload_bytes=2048)
+    strategy.state.rejected.append(Rejection(node_id=8, name="evil", reason="invalid payload: means contain NaN"))
     with pytest.raises(NotEnoughClientsError, match=r"1 valid uploads, min-clients is 3 \(rejected: evil: invalid"):
         strategy.aggregate_train(1, [])
     assert strategy.state.synthesis is None
 
     report = build_report(strategy.cfg, strategy.state, "NotEnoughClientsError: ...")
     assert report["status"] == "failed" and report["error"].startswith("NotEnoughClientsError")
-    assert report["rejected"] == [{"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN"}]
+    assert report["rejected"] == [{"node_id": 8, "name": "evil", "reason": "invalid payload: means contain NaN",
+                                   "round": "upload"}]
     assert report["clients"][0]["name"] == "only" and report["clients"][0]["test_accuracy"] is None
     assert report["problems"] == ["evil: upload rejected: invalid payload: means contain NaN",
                                   "only: no evaluation: no reply"]
@@ -139,8 +141,8 @@ def test_min_uploads_waits_for_min_clients_nodes_and_needs_fewer_valid_uploads(
         strategy.configure_train(1, None, None, FakeGrid([1, 2]))
     assert [m.metadata.dst_node_id for m in strategy.configure_train(1, None, None, FakeGrid([1, 2, 3]))] == [1, 2, 3]
 
-    strategy.state.clients[1] = ClientRecord(node_id=1, upload=_upload("a", strategy.cfg.text_encoder), upload_bytes=1)
-    strategy.state.rejected.append({"node_id": 3, "name": "evil", "reason": "invalid payload: means contain NaN"})
+    strategy.state.clients[1] = ClientOutcome(node_id=1, upload=_upload("a", strategy.cfg.text_encoder), upload_bytes=1)
+    strategy.state.rejected.append(Rejection(node_id=3, name="evil", reason="invalid payload: means contain NaN"))
     with pytest.raises(NotEnoughClientsError, match=r"^1 valid uploads, min-uploads is 2 \(rejected: evil"):
         strategy.aggregate_train(1, [])
 
@@ -151,7 +153,7 @@ def test_min_uploads_waits_for_min_clients_nodes_and_needs_fewer_valid_uploads(
         raise SynthesisStarted(stage)
 
     monkeypatch.setattr(strategy_module, "run_stage", run_stage)
-    strategy.state.clients[2] = ClientRecord(node_id=2, upload=_upload("b", strategy.cfg.text_encoder), upload_bytes=1)
+    strategy.state.clients[2] = ClientOutcome(node_id=2, upload=_upload("b", strategy.cfg.text_encoder), upload_bytes=1)
     with pytest.raises(SynthesisStarted, match="synthesis"):  # 2 of 3: enough
         strategy.aggregate_train(1, [])
 
@@ -228,8 +230,8 @@ def test_replies_that_keep_coming_are_all_waited_for_and_a_silent_node_ends_the_
     replies = strategy._send_and_collect(grid, messages, timeout=0.3, what="upload")
     elapsed = time.monotonic() - started
     assert sorted(reply.metadata.src_node_id for reply in replies) == list(range(2, 10))
-    assert strategy.state.rejected == [{"node_id": 1, "name": None,
-                                        "reason": "no upload reply, and none from any node for 0.3s"}]
+    assert strategy.state.rejected == [Rejection(node_id=1, name=None,
+                                                 reason="no upload reply, and none from any node for 0.3s")]
     assert 0.8 + 0.3 <= elapsed < 3
     assert grid.most_outstanding == (max_in_flight or len(nodes))
 
@@ -261,7 +263,7 @@ class ClientsGrid(FakeGrid):
             return _reply(evaluation.to_record(), message_id, node)
         upload = _upload(name, self.encoder)
         upload.means = np.full((1, 512), np.nan if node == 5 else node, np.float32)
-        return _reply(upload.to_record(), message_id, node)
+        return _reply(upload_content(upload), message_id, node)
 
 
 def _safetensors(path: Path) -> tuple[dict, dict]:
@@ -287,9 +289,10 @@ def test_the_rounds_in_waves_give_the_results_of_all_at_once(strategy: OscarStra
         broadcast = list(oscar.configure_evaluate(1, model_record(b"weights"), None, grid))
         metrics = oscar.aggregate_evaluate(1, oscar._send_and_collect(grid, broadcast, 0.2, "evaluation"))
         asked = sorted((m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent)
-        clients = {c.node_id: (c.name, c.upload_bytes, c.download_bytes, c.evaluation) for c in oscar.state.clients.values()}
+        clients = {c.node_id: (c.name, c.upload_bytes, c.download_bytes, c.evaluation, c.evaluation_error)
+                   for c in oscar.state.clients.values()}
         payloads = {p.name: _safetensors(p) for p in oscar.run_dir.payloads_dir.iterdir()}
-        rejected = sorted((r["node_id"], r["name"], r["reason"]) for r in oscar.state.rejected)
+        rejected = sorted((r.node_id, r.name, r.reason) for r in oscar.state.rejected)
         return grid.most_outstanding, asked, clients, payloads, rejected, dict(metrics)
 
     most, *results = rounds(max_in_flight)
@@ -301,7 +304,7 @@ def test_the_rounds_in_waves_give_the_results_of_all_at_once(strategy: OscarStra
     assert asked == sorted([(TRAIN_MESSAGE_TYPE, n) for n in range(1, 11)]
                            + [(EVALUATE_MESSAGE_TYPE, n) for n in (2, 4, 6, 7, 8, 9, 10)])
     assert sorted(clients) == [2, 4, 6, 7, 8, 9, 10] and len(payloads) == 7
-    assert clients[8][3] == {"error": "no evaluation reply, and none from any node for 0.2s"}
+    assert clients[8][3:] == (None, "no evaluation reply, and none from any node for 0.2s")
     assert [r[0] for r in rejected] == [1, 3, 5] and "for 0.2s" in rejected[0][2]
     assert metrics["accuracy-mean"] == pytest.approx(np.mean([n / 20 for n in (2, 4, 6, 7, 9, 10)]))
 
@@ -309,7 +312,7 @@ def test_the_rounds_in_waves_give_the_results_of_all_at_once(strategy: OscarStra
 def test_uploads_under_a_name_already_taken_get_their_node_id(strategy: OscarStrategy) -> None:
     encoder = strategy.cfg.text_encoder
     for node in (5, 6, 7):
-        strategy.accept_upload(_reply(_upload("plain", encoder).to_record(), f"u{node}", node))
+        strategy.accept_upload(_reply(upload_content(_upload("plain", encoder)), f"u{node}", node))
     assert [c.name for c in strategy.state.clients.values()] == ["plain", "plain-6", "plain-7"]
     assert sorted(p.name for p in strategy.run_dir.payloads_dir.iterdir()) == [
         "plain-6.safetensors", "plain-7.safetensors", "plain.safetensors"]
@@ -325,9 +328,31 @@ def test_a_dp_record_that_does_not_add_up_is_a_named_rejection_and_the_others_pr
     boastful = dataclasses.replace(honest, epsilon=0.5)  # claims epsilon 0.5 with the noise of epsilon 2
     for node, name, record in ((5, "honest", honest), (6, "boastful", boastful)):
         upload = dataclasses.replace(_upload(name, encoder), dp=record)
-        strategy.accept_upload(_reply(upload.to_record(), f"u{node}", node))
+        strategy.accept_upload(_reply(upload_content(upload), f"u{node}", node))
     assert [c.name for c in strategy.state.clients.values()] == ["honest"]
     [rejection] = strategy.state.rejected
-    assert (rejection["node_id"], rejection["name"]) == (6, "boastful")
-    assert rejection["reason"].startswith("invalid payload: DP record: sigma ")
-    assert "does not add up: epsilon 0.5" in rejection["reason"]
+    assert (rejection.node_id, rejection.name) == (6, "boastful")
+    assert rejection.reason.startswith("invalid payload: DP record: sigma ")
+    assert "does not add up: epsilon 0.5" in rejection.reason
+
+
+def test_the_log_the_metrics_and_the_report_give_the_same_totals(strategy: OscarStrategy,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Mean and overall accuracy are computed once (oscar_server.outcomes.tally): the strategy's log line and
+    metrics and report.json say the same, and overall is correct predictions over test images."""
+    cfg = strategy.cfg.replace(min_clients=10)
+    oscar = OscarStrategy(cfg, strategy.run_dir)
+    grid = ClientsGrid(cfg.text_encoder)
+    oscar._send_and_collect(grid, list(oscar.configure_train(1, None, None, grid)), 0.2, "upload",
+                            on_reply=oscar.accept_upload)
+    broadcast = list(oscar.configure_evaluate(1, model_record(b"weights"), None, grid))
+    with caplog.at_level(logging.INFO, "oscar.server"):
+        metrics = oscar.aggregate_evaluate(1, oscar._send_and_collect(grid, broadcast, 0.2, "evaluation"))
+    evaluated = (2, 4, 6, 7, 9, 10)  # node n answers accuracy n / 20 on n test images; node 8 never answers
+    overall = sum(n / 20 * n for n in evaluated) / sum(evaluated)
+    assert metrics["accuracy-weighted"] == pytest.approx(overall)
+    assert metrics["accuracy-mean"] == pytest.approx(sum(n / 20 for n in evaluated) / len(evaluated))
+    report = build_report(cfg, oscar.state)
+    assert report["accuracy"] == {"mean": metrics["accuracy-mean"], "weighted": metrics["accuracy-weighted"]}
+    assert (f"6 of 7 clients evaluated: overall accuracy {overall:.4f} (correct / test images, 38 images), "
+            f"mean over clients {metrics['accuracy-mean']:.4f}") in caplog.text

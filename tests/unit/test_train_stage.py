@@ -19,6 +19,7 @@ from oscar_common.classifier import load_classifier
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
 from oscar_server.fingerprint import StageSettingsChanged
+from oscar_server.outcomes import Rejection
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stage import TRAINING
 from oscar_server.stage_launcher import run_stage
@@ -48,7 +49,7 @@ def make_run(root: Path, **overrides) -> Path:
                 pixels = rng.integers(0, 160, (32, 32, 3)) + np.array([95, 45, 0])[np.roll([0, 1, 2], class_id)]
                 _png(run.synthetic_dir / CLASSES[class_id] / f"{client}__c{class_id:04d}__{index:03d}.png", pixels)
     _png(run.synthetic_dir / "cat" / "carol__c0000__000.png", np.zeros((32, 32, 3)))  # a rejected client's
-    run.save_upload_round(accepted, rejected=[{"client_name": "carol", "reason": "test"}])
+    run.save_upload_round(accepted, rejected=[Rejection(node_id=9, name="carol", reason="test")])
     return root
 
 

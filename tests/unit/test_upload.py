@@ -21,7 +21,7 @@ from oscar_client.upload import prepare_upload, record_release
 from oscar_common.config import OscarConfig
 from oscar_common.node_settings import NodeSettings
 from oscar_common.text_encoding import encode_tokens
-from oscar_common.wire import FAILURE_KEY, UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, train_content
+from oscar_common.wire import FAILURE_KEY, UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, train_content, upload_content
 from oscar_demo.demo_data import DIGIT_NAMES
 
 
@@ -39,7 +39,7 @@ def _instruction(**overrides):
 
 def test_the_default_message_carries_ids_and_means_only(node: NodeSettings) -> None:
     prepared = prepare_upload(node, _instruction(share_counts=True), ClientPolicy(share_counts=False))
-    content = recorddict_from_proto(recorddict_to_proto(prepared.upload.to_record()))
+    content = recorddict_from_proto(recorddict_to_proto(upload_content(prepared.upload)))
     assert sorted(content.array_records[UPLOAD_ARRAYS_KEY].keys()) == ["class_ids", "means"]
     meta = dict(content.config_records[UPLOAD_META_KEY].items())
     assert not {"num-images", "unreadable-images", "skipped-classes"} & set(meta)

@@ -33,6 +33,7 @@ from oscar_common.wire import (
     model_record,
     one_line,
     parse_upload,
+    upload_content,
     upload_size_limit,
     wire_size,
 )
@@ -57,7 +58,7 @@ def over_the_wire(content: RecordDict) -> RecordDict:
 
 
 def test_default_upload_carries_only_ids_means_and_what_validation_needs() -> None:
-    content = over_the_wire(make_upload().to_record())
+    content = over_the_wire(upload_content(make_upload()))
     assert sorted(content.array_records[UPLOAD_ARRAYS_KEY].keys()) == ["class_ids", "means"]
     assert set(content.config_records[UPLOAD_META_KEY].keys()) == {
         "format-version", "scheme", "encoder-id", "client-name", "prototypes-per-class", "transport-dtype", "dp"}
@@ -77,7 +78,7 @@ def test_shared_counts_and_dp_round_trip() -> None:
     dp = dp_record()
     sent = make_upload(counts=np.array([5, 12, 30], dtype=np.int64), dp=dp,
                        shared=SharedCounts(num_images=47, unreadable_images=2, skipped_classes=["zebra"]))
-    got = parse_upload(over_the_wire(sent.to_record()), POOLED)
+    got = parse_upload(over_the_wire(upload_content(sent)), POOLED)
     assert got.dp == dp and got.counts.tolist() == [5, 12, 30]
     assert (got.shared.num_images, got.shared.unreadable_images, got.shared.skipped_classes) == (47, 2, ["zebra"])
 
@@ -87,7 +88,7 @@ def test_tokens_round_trip_in_float16() -> None:
     sent = make_upload(class_ids=np.array([1, 2]), means=means, scheme="tokens", encoder_id="sd",
                        transport_dtype="float16")
     expect = Expectation(scheme="tokens", encoder_id="sd", num_classes=3, feature_dim=32, transport_dtype="float16")
-    content = over_the_wire(sent.to_record())
+    content = over_the_wire(upload_content(sent))
     assert content.array_records[UPLOAD_ARRAYS_KEY]["means"].dtype == "float16"
     got = parse_upload(content, expect)
     assert got.means.dtype == np.float32 and got.feature_shape == [2, 77, 32]
@@ -99,21 +100,21 @@ def test_prototypes_repeat_a_class_up_to_k_times() -> None:
     means = np.random.default_rng(2).standard_normal((4, D)).astype(np.float32)
     upload = make_upload(class_ids=np.array([0, 0, 3, 3]), means=means, prototypes_per_class=2)
     expect = Expectation(**{**POOLED.__dict__, "prototypes_per_class": 2})
-    assert parse_upload(over_the_wire(upload.to_record()), expect).classes == [0, 3]
+    assert parse_upload(over_the_wire(upload_content(upload)), expect).classes == [0, 3]
     with pytest.raises(PayloadError, match="more than 2 rows for one class"):
         three = make_upload(class_ids=np.array([0, 0, 0]), means=means[:3], prototypes_per_class=2)
-        parse_upload(three.to_record(), expect)
+        parse_upload(upload_content(three), expect)
     with pytest.raises(PayloadError, match="at most 1"):
-        parse_upload(upload.to_record(), POOLED)
+        parse_upload(upload_content(upload), POOLED)
 
 
 def test_wire_size_is_the_means_plus_a_small_overhead() -> None:
-    size = wire_size(make_upload().to_record())
+    size = wire_size(upload_content(make_upload()))
     assert K * D * 4 < size < K * D * 4 + 2048
 
 
 def _with_arrays(**arrays) -> RecordDict:
-    content = make_upload().to_record()
+    content = upload_content(make_upload())
     record = content.array_records[UPLOAD_ARRAYS_KEY]
     for name, value in arrays.items():
         if value is None:
@@ -124,7 +125,7 @@ def _with_arrays(**arrays) -> RecordDict:
 
 
 def _with_meta(**meta) -> RecordDict:
-    content = make_upload().to_record()
+    content = upload_content(make_upload())
     for key, value in meta.items():
         content.config_records[UPLOAD_META_KEY][key.replace("_", "-")] = value
     return content
@@ -195,7 +196,7 @@ DP_RECORDS_THAT_DO_NOT_ADD_UP = {
 def test_a_dp_record_that_does_not_add_up_is_rejected_with_the_reason(case: str) -> None:
     changes, message = DP_RECORDS_THAT_DO_NOT_ADD_UP[case]
     expect = Expectation(**{**POOLED.__dict__, "min_images_per_class": 5})
-    content = over_the_wire(make_upload(dp=dp_record(**changes)).to_record())
+    content = over_the_wire(upload_content(make_upload(dp=dp_record(**changes))))
     with pytest.raises(PayloadError, match="^DP record: ") as info:
         parse_upload(content, expect)
     assert message in str(info.value)
@@ -204,12 +205,12 @@ def test_a_dp_record_that_does_not_add_up_is_rejected_with_the_reason(case: str)
 def test_a_dp_record_is_checked_against_the_servers_minimum_from_its_instruction() -> None:
     instruction = OscarConfig(class_names=tuple("abcdefghij"), min_images_per_class=10).train_instruction()
     expect = Expectation.of(instruction, feature_dim=D)
-    assert parse_upload(make_upload(dp=dp_record()).to_record(), expect).dp == dp_record()  # n_pub 10: enough
+    assert parse_upload(upload_content(make_upload(dp=dp_record())), expect).dp == dp_record()  # n_pub 10: enough
     nine = dp_record(min_images=9, sensitivity=mean_sensitivity(clip_norm=1.0, min_images=9),
                      sigma=gaussian_sigma(2.0, 1e-5, 2 / 9))
     with pytest.raises(PayloadError, match="calibrated to 9 images per class, below the server's "
                                            "min-images-per-class 10"):
-        parse_upload(make_upload(dp=nine).to_record(), expect)
+        parse_upload(upload_content(make_upload(dp=nine)), expect)
 
 
 def test_an_object_array_is_refused_and_never_unpickled(tmp_path: Path) -> None:
@@ -225,7 +226,7 @@ def test_an_object_array_is_refused_and_never_unpickled(tmp_path: Path) -> None:
     assert (tmp_path / "unpickled").exists()
     (tmp_path / "unpickled").unlink()
 
-    content = make_upload().to_record()
+    content = upload_content(make_upload())
     content.array_records[UPLOAD_ARRAYS_KEY]["means"] = Array(dtype="object", shape=(K,), stype="numpy.ndarray",
                                                               data=buffer.getvalue())
     with pytest.raises(PayloadError, match="array 'means' could not be decoded: Object arrays cannot be loaded"):
@@ -237,7 +238,7 @@ def test_the_size_limit_reads_declared_shapes_before_decoding(monkeypatch: pytes
     """A repetitive array is small on the wire (Flower deduplicates chunks) but large decoded: the limit
     must hold on the declared size, and nothing may be decoded before the check."""
     ones = make_upload(class_ids=np.arange(16, dtype=np.int64), means=np.ones((16, 4096, 256), dtype=np.float32))
-    content = over_the_wire(ones.to_record())  # 64 MiB of ones: Flower's identical 5 MiB chunks travel once
+    content = over_the_wire(upload_content(ones))  # 64 MiB of ones: Flower's identical 5 MiB chunks travel once
     assert wire_size(content) < declared_size(content.array_records[UPLOAD_ARRAYS_KEY]["means"]) / 3
     decoded = []
     monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(self) or np.zeros(1))
@@ -255,9 +256,9 @@ def test_default_limit_grows_with_the_classes() -> None:
     means[:, 0, 0] = np.arange(345)  # rows differ
     upload = make_upload(class_ids=np.arange(345, dtype=np.int64), means=means, scheme="tokens",
                          encoder_id=cfg.diffusion_model)
-    assert parse_upload(upload.to_record(), expect).feature_shape == [345, 77, 768]
+    assert parse_upload(upload_content(upload), expect).feature_shape == [345, 77, 768]
     with pytest.raises(PayloadError, match="over the limit"):
-        parse_upload(upload.to_record(), Expectation(**{**expect.__dict__, "max_bytes": 64 * 2**20}))
+        parse_upload(upload_content(upload), Expectation(**{**expect.__dict__, "max_bytes": 64 * 2**20}))
 
 
 def test_client_names_are_made_filesystem_safe() -> None:
