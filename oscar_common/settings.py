@@ -105,7 +105,7 @@ def declared_settings(cls: type) -> list[Setting]:
     for level, klass in enumerate(cls.__mro__):
         for name in vars(klass).get("__annotations__", {}):
             depth.setdefault(name, level)
-    settings = [_setting_of(f) for f in fields(cls) if f.init and f.name != "extra"]
+    settings = [_setting_of(f) for f in fields(cls) if f.init and f.name != "extra"]  # extra: unknown keys
     return sorted(settings, key=lambda s: depth[s.name])
 
 
@@ -216,12 +216,14 @@ def markdown_table(settings: Iterable[Setting]) -> str:
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for s in settings:
         allowed = s.rule.text if s.rule else ""
-        lines.append(f"| `{s.key}` | {s.kind} | `{s.default_text()}` | {_cell(allowed)} | {_cell(s.help)} |")
+        default = s.default_text() if s.default is None else f"`{s.default_text()}`"
+        lines.append(f"| `{s.key}` | {s.kind} | {default} | {_cell(allowed)} | {_cell(s.help)} |")
     return "\n".join(lines)
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Plain text in a table cell: a '|' would end the cell and '<name>' would read as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "\\<")
 
 
 def own_settings(cls: type) -> list[Setting]:
