@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a client's image folders (<class>/<images>); repeat per client")
     parser.add_argument("--node-config", action="append", default=[],
                         help="a client as its SuperNode's --node-config string (split files, test-fraction, "
-                             "name); repeat per client")
+                             "name: docs/configuration.md lists the keys); repeat per client")
     parser.add_argument("--class-names", required=True, help="comma-separated class list (as OSCAR's)")
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from oscar_common.config import parse_run_config, run_config_dict
+from oscar_common.settings import Validated, at_least, parse_settings, setting, settings_dict
 
 log = logging.getLogger("oscar.fedavg")
 
@@ -26,40 +26,41 @@ INFO_KEY = "info"  # client -> server: "client-name"
 
 
 @dataclass(frozen=True)
-class FedAvgConfig:
-    class_names: tuple[str, ...] = ()
-    num_rounds: int = 10
-    local_epochs: int = 1
-    lr: float = 0.001  # SGD momentum 0.9, as OSCAR's server-side training (oscar_common.classifier)
-    batch_size: int = 32
-    classifier_image_size: int = 224
-    classifier_pretrained: bool = True  # the initial global model; clients never need ImageNet weights
-    seed: int = 0  # initial model, splits (same as OSCAR's for the same seed), local shuffling
-    min_clients: int = 2
-    wait_for_clients_timeout: float = 300.0
-    round_timeout: float = 3600.0  # per train or evaluate phase; late replies are dropped, not waited on
-    run_dir: str = "runs"
-    run_name: str = ""  # empty: "fedavg-<Flower run id>"
+class FedAvgConfig(Validated):
+    class_names: tuple[str, ...] = setting((), "comma-separated class list (required)")
+    num_rounds: int = setting(10, "federated rounds", at_least(1))
+    local_epochs: int = setting(1, "epochs each client trains per round", at_least(1))
+    lr: float = setting(0.001, "local SGD learning rate (momentum 0.9, as OSCAR's server-side training)")
+    batch_size: int = setting(32, "local training batch", at_least(1))
+    classifier_image_size: int = setting(224, "classifier input size", at_least(1))
+    classifier_pretrained: bool = setting(True, "the initial global model starts from ImageNet weights; clients "
+                                                "never need them")
+    seed: int = setting(0, "initial model, splits (the same as OSCAR's for the same seed), local shuffling")
+    min_clients: int = setting(2, "nodes to wait for before the first round", at_least(1))
+    wait_for_clients_timeout: float = setting(300.0, "seconds to wait for min-clients nodes to connect")
+    round_timeout: float = setting(3600.0, "seconds to wait for the replies of one train or evaluate phase; later "
+                                           "replies are dropped")
+    run_dir: str = setting("runs", "where run directories go")
+    run_name: str = setting("", "this run's folder name in run-dir; empty: fedavg-<Flower run id>")
 
-    def __post_init__(self) -> None:
+    def config_problems(self) -> list[str]:
+        problems = super().config_problems()
         if not self.class_names:
-            raise ValueError("class-names is empty: set the class list, e.g. "
-                             "--run-config \"class-names='cat,dog,horse'\"")
+            problems.append("class-names is empty: set the class list, e.g. "
+                            "--run-config \"class-names='cat,dog,horse'\"")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class-names has duplicates: {list(self.class_names)}")
-        for name in ("num_rounds", "local_epochs", "batch_size", "classifier_image_size", "min_clients"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            problems.append(f"class-names has duplicates: {list(self.class_names)}")
+        return problems
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedAvgConfig":
-        kwargs, unknown = parse_run_config(cls, run_config)
+        kwargs, unknown = parse_settings(cls, run_config)
         if unknown:
             log.info("run config keys not used by FedAvg: %s", ", ".join(sorted(unknown)))
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return run_config_dict(self)
+        return settings_dict(self)
 
     def client_config(self) -> dict[str, Any]:
         """What a client needs for local training and evaluation (sent in every message)."""

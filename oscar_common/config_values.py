@@ -1,8 +1,8 @@
 """Config values as Flower hands them over (str, int, float or bool: from a TOML file, ``--run-config`` or
 ``--node-config``), turned into what a setting needs, with an error that names the setting.
 
-Shared by the run config (``oscar_common.config``) and the client's node config (``oscar_client.policy``),
-so that ``caption-cache = "no"`` and ``share-counts = "no"`` mean the same on both sides.
+The one parser of declared settings (``oscar_common.settings``) uses them for the run config and the
+node config alike, so that ``caption-cache = "no"`` and ``share-counts = "no"`` mean the same on both sides.
 """
 
 from __future__ import annotations

@@ -18,17 +18,17 @@ import argparse
 import difflib
 import sys
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import tomli_w
 
 from oscar_common.config import ConfigError, OscarConfig
+from oscar_common.settings import declared_settings, key_listing
 
 
 def known_keys() -> list[str]:
-    return sorted(f.name.replace("_", "-") for f in fields(OscarConfig) if f.name != "extra")
+    return sorted(s.key for s in declared_settings(OscarConfig))
 
 
 def load_run_config(sources: Sequence[str]) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def load_run_config(sources: Sequence[str]) -> dict[str, Any]:
 def _unparsable_pair(source: str) -> str:
     """Why ``key=value`` is not TOML, in the key's own terms: a number key takes a number, a text key quotes."""
     key, value = (part.strip() for part in source.split("=", 1))
-    kinds = {f.name.replace("_", "-"): str(f.type) for f in fields(OscarConfig)}
+    kinds = {s.key: s.kind for s in declared_settings(OscarConfig)}
     default = OscarConfig().to_dict().get(key)
     takes = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kinds.get(key, ""))
     if takes is not None:
@@ -86,11 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="*", help="TOML files and key=value pairs, later ones win")
     parser.add_argument("--out", type=Path, help="write the merged, checked run config to this TOML file")
-    parser.add_argument("--keys", action="store_true", help="list every run-config key with its default")
+    parser.add_argument("--keys", action="store_true",
+                        help="list every run-config key: its type, default and meaning")
     args = parser.parse_args(argv)
     if args.keys:
-        for key, value in OscarConfig().to_dict().items():
-            print(f"{key} = {value!r}")
+        print(key_listing(declared_settings(OscarConfig)))
         return 0
     try:
         merged = load_run_config(args.sources)

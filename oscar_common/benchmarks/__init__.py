@@ -7,11 +7,9 @@ A SuperNode names its share of a benchmark in its node config instead of a ``dat
 
 ``benchmark``: ``domainnet``, ``nico-dg``, ``nico-unique`` (official split lists: see ``domainnet`` and
 ``nico``), ``openimage``, ``domains``, ``label-skew`` (folder trees: see ``folders``). The client is
-``client='<name>'`` or ``client-index=<k>`` (simulation: the partition id). Other keys:
-``train-shots`` / ``test-shots`` (images per class, first ones in listing order; 0 = all),
-``split-dir``, ``test-root``, ``test-fraction``, ``num-clients`` and ``alpha`` (label-skew).
-The run config may carry the same keys for every client (the node config wins): see
-:func:`benchmark_config`. Nothing is downloaded: the data must already be on the node.
+``client='<name>'`` or ``client-index=<k>`` (simulation: the partition id). The keys are declared in
+``oscar_common.node_config``; the run config may carry the run-wide ones for every client (the node
+config wins): see :func:`benchmark_config`. Nothing is downloaded: the data must already be on the node.
 
 The server's ``class-names`` come from :func:`benchmark_class_names` (CLI: ``oscar-class-names``).
 """
@@ -26,6 +24,7 @@ from oscar_common.benchmarks.common import (
 from oscar_common.benchmarks.domainnet import DomainNet
 from oscar_common.benchmarks.folders import DomainFolders, LabelSkew, OpenImage
 from oscar_common.benchmarks.nico import NicoDG, NicoUnique
+from oscar_common.node_config import node_values
 
 __all__ = [
     "BENCHMARKS", "BenchmarkError", "ClientPartition", "benchmark_class_names", "benchmark_client_name",
@@ -41,11 +40,6 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     "label-skew": LabelSkew,
 }
 
-# Run-config keys that apply to every client (a node's own config overrides them).
-RUN_KEYS = ("benchmark", "benchmark-root", "train-shots", "test-shots", "num-clients", "alpha",
-            "split-dir", "test-root")
-
-
 def open_benchmark(options: BenchmarkOptions, seed: int = 0) -> Benchmark:
     if options.benchmark not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {options.benchmark!r}; known: {', '.join(BENCHMARKS)}")
@@ -53,15 +47,9 @@ def open_benchmark(options: BenchmarkOptions, seed: int = 0) -> Benchmark:
 
 
 def benchmark_config(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """This node's benchmark keys, or None when it reads a plain ``data-dir``.
-
-    The run config's :data:`RUN_KEYS` (empty strings are unset) are defaults for the node config. A
-    node with its own ``data-dir`` and no ``benchmark`` keeps its folder.
-    """
-    if "data-dir" in node_config and "benchmark" not in node_config:
-        return None
-    merged = {k: run_config[k] for k in RUN_KEYS if run_config.get(k) not in (None, "")}
-    merged.update(node_config)
+    """This node's config over the run-wide benchmark keys (:func:`~oscar_common.node_config.node_values`),
+    or None when it reads a plain ``data-dir``."""
+    merged = node_values(node_config, run_config)
     return merged if merged.get("benchmark") else None
 
 

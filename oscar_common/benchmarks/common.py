@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Mapping, Sequence
 
 from oscar_common.data import IMAGE_EXTENSIONS, DataDirError, Sample, stratified_split
+from oscar_common.node_config import NodeConfig
 
 logger = logging.getLogger("oscar_common.benchmarks")
 
@@ -32,46 +33,45 @@ class ClientPartition:
 
 @dataclass(frozen=True)
 class BenchmarkOptions:
-    """The node-config keys that pick a benchmark and this client's share of it."""
+    """The node-config keys that pick a benchmark and this client's share of it (declared, with their
+    defaults, in ``oscar_common.node_config``)."""
 
     benchmark: str
     root: Path
     client: str | None = None
     client_index: int | None = None
-    train_shots: int = 0  # images per class kept for training (0: all), in the benchmark's listing order
-    test_shots: int = 0
-    test_fraction: float = 0.2  # folder benchmarks without test-root: seeded stratified split
+    train_shots: int = NodeConfig.train_shots  # images per class kept for training (0: all), in listing order
+    test_shots: int = NodeConfig.test_shots
+    test_fraction: float = NodeConfig.test_fraction  # folder benchmarks without test-root: seeded split
     test_root: Path | None = None  # folder benchmarks: a second tree of the same layout, the test split
     split_dir: Path | None = None  # list benchmarks: where the official split files are
-    num_clients: int = 0  # label-skew
-    alpha: float = 0.5  # label-skew: Dirichlet concentration
+    num_clients: int = NodeConfig.num_clients  # label-skew
+    alpha: float = NodeConfig.alpha  # label-skew: Dirichlet concentration
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "BenchmarkOptions":
-        if not config.get("benchmark"):
+        try:
+            node = NodeConfig.from_values(config)
+        except ValueError as exc:  # a bad value of this node's benchmark is a problem with its data
+            raise BenchmarkError(str(exc)) from None
+        if not node.benchmark:
             raise BenchmarkError("no 'benchmark' given (e.g. benchmark='domainnet')")
-        if not config.get("benchmark-root"):
-            raise BenchmarkError(f"benchmark {config['benchmark']!r} needs 'benchmark-root' (the dataset's folder)")
+        if not node.benchmark_root:
+            raise BenchmarkError(f"benchmark {node.benchmark!r} needs 'benchmark-root' (the dataset's folder)")
         # Local simulation gives only partition-id / num-partitions: they stand in for the client's keys.
-        index = config.get("client-index", config.get("partition-id"))
-        options = cls(
-            benchmark=str(config["benchmark"]),
-            root=Path(str(config["benchmark-root"])).expanduser(),
-            client=str(config["client"]) if config.get("client") else None,
-            client_index=int(index) if index not in (None, "") else None,
-            train_shots=int(config.get("train-shots", 0)),
-            test_shots=int(config.get("test-shots", 0)),
-            test_fraction=float(config.get("test-fraction", 0.2)),
-            test_root=_optional_path(config.get("test-root")),
-            split_dir=_optional_path(config.get("split-dir")),
-            num_clients=int(config.get("num-clients") or config.get("num-partitions") or 0),
-            alpha=float(config.get("alpha", 0.5)),
+        return cls(
+            benchmark=node.benchmark,
+            root=Path(node.benchmark_root).expanduser(),
+            client=node.client or None,
+            client_index=node.client_index if node.client_index is not None else node.partition_id,
+            train_shots=node.train_shots,
+            test_shots=node.test_shots,
+            test_fraction=node.test_fraction,
+            test_root=_optional_path(node.test_root),
+            split_dir=_optional_path(node.split_dir),
+            num_clients=node.num_clients or node.num_partitions or 0,
+            alpha=node.alpha,
         )
-        if options.train_shots < 0 or options.test_shots < 0:
-            raise BenchmarkError("train-shots and test-shots must be >= 0 (0 keeps every image)")
-        if options.alpha <= 0:
-            raise BenchmarkError(f"alpha must be > 0, got {options.alpha}")
-        return options
 
 
 def _optional_path(value: Any) -> Path | None:

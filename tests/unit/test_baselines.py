@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
 from oscar_common.classifier import build_classifier, load_classifier
 from oscar_common.data import load_client_split
+from oscar_common.settings import coerce, declared_settings
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
 
 def _state_dict_bytes(num_classes: int) -> int:
@@ -54,6 +56,15 @@ def test_fedavg_config() -> None:
         FedAvgConfig.from_run_config({"class-names": "a", "num-rounds": 0})
     with pytest.raises(ValueError, match="classifier-pretrained"):
         FedAvgConfig.from_run_config({"class-names": "a", "classifier-pretrained": "maybe"})
+
+
+def test_fedavg_pyproject_holds_exactly_the_declared_keys_and_defaults() -> None:
+    app = Path(__file__).resolve().parents[2] / "baselines" / "fedavg" / "pyproject.toml"
+    listed = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"]
+    declared = {s.key: s for s in declared_settings(FedAvgConfig)}
+    assert sorted(listed) == sorted(declared)
+    assert {key: coerce(declared[key], value) for key, value in listed.items()} == {
+        key: s.default for key, s in declared.items()}
 
 
 # ------------------------------------------------------------------------------------- Centralized

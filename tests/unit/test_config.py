@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from oscar_common.config import OscarConfig
+from oscar_common.settings import coerce, declared_settings
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -17,12 +18,15 @@ def app_config() -> dict:
     return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_pyproject_defaults_are_the_dataclass_defaults() -> None:
-    cfg = OscarConfig.from_run_config(app_config())
-    assert cfg == OscarConfig()
-    assert not cfg.extra, f"pyproject keys unknown to OscarConfig: {dict(cfg.extra)}"
-    # every field is settable from the run config (a field missing in pyproject cannot be overridden)
-    assert set(cfg.to_dict()) == set(app_config())
+def test_pyproject_holds_exactly_the_declared_keys_and_defaults() -> None:
+    declared = {s.key: s for s in declared_settings(OscarConfig)}
+    listed = app_config()
+    assert sorted(set(declared) - set(listed)) == [], "declared keys missing from pyproject.toml (cannot be overridden)"
+    assert sorted(set(listed) - set(declared)) == [], "pyproject.toml keys that no setting declares"
+    differing = {key: (value, declared[key].default) for key, value in listed.items()
+                 if coerce(declared[key], value) != declared[key].default}
+    assert differing == {}, "pyproject.toml value vs declared default"
+    assert OscarConfig.from_run_config(listed) == OscarConfig()
 
 
 def test_paper_defaults() -> None:

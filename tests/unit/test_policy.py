@@ -29,7 +29,7 @@ def test_the_client_can_raise_the_minimum_and_lower_epsilon_never_the_reverse() 
     ({"loader-workers": 1.5}, "node config: loader-workers must be a number"),
     ({"dp-clip-norm": "wide"}, "node config: dp-clip-norm must be a number"),
     ({"dp-clip-norm": 0}, "node config: dp-clip-norm must be a finite number > 0, got 0"),
-    ({"dp-budget": -1}, "dp-epsilon and dp-budget must be >= 0"),
+    ({"dp-budget": -1}, "node config: dp-budget must be >= 0"),  # names the one key that is wrong
 ])
 def test_bad_node_config_is_named(node_config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

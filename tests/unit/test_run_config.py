@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oscar_common.run_config import load_run_config, main, run_config_problems
+from oscar_common.run_config import known_keys, load_run_config, main, run_config_problems
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo-simulation.toml"
 
@@ -49,6 +49,17 @@ def test_a_toml_file_and_overrides_merge_left_to_right(tmp_path: Path) -> None:
 def test_the_example_configs_are_valid() -> None:
     for path in sorted(EXAMPLE.parent.glob("**/*.toml")):
         assert run_config_problems(load_run_config([str(path)])) == [], path
+
+
+def test_keys_lists_every_key_with_its_type_default_and_meaning(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split(None, 3)[1:] for line in lines}
+    assert set(rows) == set(known_keys()) and len(lines) == len(rows)
+    assert rows["guidance-scale"] == ["float", "7.5", "diffusers convention eps_u + g (eps_c - eps_u); the paper's "
+                                      "s is g - 1. 7.5 is what the official code passes; the paper states s = 7.5, "
+                                      "which is 8.5 here"]
+    assert rows["class-names"][:2] == ["list", '""'] and rows["run-name"][:2] == ["str", '""']
 
 
 def test_sources_that_are_neither_file_nor_pair_are_refused(capsys: pytest.CaptureFixture) -> None:
