@@ -258,10 +258,3 @@ def classifier_from_bytes(
         raise ClassifierFormatError(f"not a safetensors file: {exc}") from None
     model.load_state_dict(state, strict=True)
     return model
-
-
-def load_classifier(
-    path: Path, expected_num_classes: int, expected_class_names: Sequence[str] | None = None
-) -> nn.Module:
-    """:func:`classifier_from_bytes` on a file."""
-    return classifier_from_bytes(Path(path).read_bytes(), expected_num_classes, expected_class_names)
