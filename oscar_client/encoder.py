@@ -26,7 +26,7 @@ import torch
 
 from oscar_client.caption_cache import CaptionCache
 from oscar_client.captioning import AUTO, caption_files, caption_settings, captioner_prompt
-from oscar_client.class_accumulator import ClassAccumulator, class_means
+from oscar_client.class_accumulator import ClassAccumulator
 from oscar_common.choices import SCHEMES
 from oscar_common.data import Sample
 from oscar_common.devices import free_device_memory
@@ -39,14 +39,13 @@ from oscar_common.models import (
     load_diffusion_text_encoder,
     text_embedding_dim,
 )
-from oscar_common.text_encoding import encode_pooled, encode_tokens
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 
-__all__ = ["ClassAccumulator", "EncodedClient", "class_means", "encode_client"]
+__all__ = ["EncodedClient", "encode_client"]
 
 log = logging.getLogger(__name__)
 
 TEXT_BATCH_SIZE = 64  # fixed, so the same captions give bit-identical embeddings in every run
-TOKENS_LENGTH = 77  # CLIP's context length: every SD 1.x / 2.x text encoder's, the rows of a tokens embedding
 # keep_embeddings keeps every image's embedding: 2 KiB per image for pooled CLIP (2M images fit), but
 # 77 x 768 x 4 = 231 KiB for SD 1.x tokens (about 18k images fit). Beyond this, encode_client refuses
 # before any work starts rather than running out of memory after hours of captioning.
@@ -61,7 +60,7 @@ class EncodedClient:
 
     class_ids: np.ndarray  # int64 [K], sorted
     counts: np.ndarray  # int64 [K]
-    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens), after the accumulator's transform if any
+    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens)
     captions: list[str]  # [N]
     paths: list[Path]  # [N] the image each caption describes
     labels: np.ndarray  # int64 [N] class id of each caption
@@ -76,13 +75,11 @@ class EncodedClient:
 
     @property
     def means(self) -> np.ndarray:
-        """float32 per-class means of every class (not renormalised)."""
-        return (self.sums / self.counts.reshape(-1, *([1] * (self.sums.ndim - 1)))).astype(np.float32)
+        """float32 per-class means of every class, computed from the float64 sums.
 
-    def class_means(self, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(class_ids, counts, means)`` of the classes with at least ``min_count`` images."""
-        keep = self.counts >= min_count
-        return self.class_ids[keep], self.counts[keep], self.means[keep]
+        Deliberately *not* renormalised: the paper uploads the plain average of unit vectors (its norm also
+        says how consistent a class's captions were)."""
+        return (self.sums / self.counts.reshape(-1, *([1] * (self.sums.ndim - 1)))).astype(np.float32)
 
 
 def encode_client(
@@ -184,7 +181,7 @@ def encode_client(
 
 def _check_keep_budget(images: int, scheme: str, encoder_id: str, cache_dir: str | Path | None) -> None:
     width = text_embedding_dim(scheme, encoder_id, cache_dir)
-    per_image = 4 * width * (TOKENS_LENGTH if scheme == "tokens" else 1)
+    per_image = 4 * width * (CLIP_CONTEXT_LENGTH if scheme == "tokens" else 1)
     if images * per_image > KEEP_EMBEDDINGS_MAX_BYTES:
         raise ValueError(
             f"keeping the per-image embeddings of {images} images under scheme {scheme!r} needs "

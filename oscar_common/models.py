@@ -117,16 +117,11 @@ CAPTIONERS = {
 }
 
 
-def load_captioner(
-    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
-) -> tuple[BlipProcessor | Blip2Processor, BlipForConditionalGeneration | Blip2ForConditionalGeneration]:
-    """An image captioner and its processor, BLIP or BLIP-2 as the checkpoint's config says."""
-    return load_captioner_processor(model_id, cache_dir), load_captioner_model(model_id, device, dtype, cache_dir)
-
-
 def load_captioner_processor(model_id: str, cache_dir: CacheDir = None) -> BlipProcessor | Blip2Processor:
-    """The captioner's processor alone (small files, no weights): a client's image decoding starts with it
-    while the model loads (``oscar_client.captioning.caption_files``)."""
+    """An image captioner's processor (small files, no weights), BLIP or BLIP-2 as the checkpoint's config says.
+
+    Loaded apart from the model: a client's image decoding starts with it while the model loads
+    (``oscar_client.captioning.caption_files``)."""
     with _translate_missing(model_id, cache_dir):
         processor_class, _ = CAPTIONERS[captioner_type(model_id, cache_dir)]
         return processor_class.from_pretrained(model_id, **_hub_kwargs(cache_dir))
@@ -135,7 +130,7 @@ def load_captioner_processor(model_id: str, cache_dir: CacheDir = None) -> BlipP
 def load_captioner_model(
     model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
 ) -> BlipForConditionalGeneration | Blip2ForConditionalGeneration:
-    """The captioner's frozen model on ``device``."""
+    """The captioner's frozen model on ``device``, BLIP or BLIP-2 as the checkpoint's config says."""
     with _translate_missing(model_id, cache_dir):
         model_type = captioner_type(model_id, cache_dir)
         model = CAPTIONERS[model_type][1].from_pretrained(model_id, dtype=dtype, **_hub_kwargs(cache_dir))

@@ -16,7 +16,7 @@ from oscar_client.captioning import Captioner, captioner_prompt
 from oscar_client.encoder import encode_client
 from oscar_common.config import OscarConfig
 from oscar_common.data import Sample
-from oscar_common.models import load_captioner
+from oscar_common.models import load_captioner_model, load_captioner_processor
 from oscar_common.wire import TrainInstruction
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, install_tiny_blip2
 
@@ -35,7 +35,7 @@ def offline():
 @pytest.fixture(scope="module")
 def blip2(tiny_hub: Path):
     install_tiny_blip2(tiny_hub)
-    return load_captioner(BLIP2_ID, CPU, F32, cache_dir=tiny_hub)
+    return load_captioner_processor(BLIP2_ID, tiny_hub), load_captioner_model(BLIP2_ID, CPU, F32, tiny_hub)
 
 
 def _pixels(processor, colours=("red", "navy", "white")) -> torch.Tensor:
@@ -64,7 +64,8 @@ def test_blip2_continues_the_prompt_and_blip_takes_none(blip2, tiny_hub: Path) -
     assert captioner_prompt(BLIP2_ID, OFFICIAL, tiny_hub) == OFFICIAL
     assert captioner_prompt(CAPTIONER_ID, OFFICIAL, tiny_hub) == ""  # BLIP captions unconditionally, as the paper
     with pytest.raises(ValueError, match="blip2-prompt applies to BLIP-2 captioners only"):
-        Captioner(*load_captioner(CAPTIONER_ID, CPU, F32, cache_dir=tiny_hub), prompt=OFFICIAL)
+        Captioner(load_captioner_processor(CAPTIONER_ID, tiny_hub),
+                  load_captioner_model(CAPTIONER_ID, CPU, F32, tiny_hub), prompt=OFFICIAL)
 
 
 def test_a_decoder_only_blip2_caption_leaves_the_prompt_out(blip2) -> None:

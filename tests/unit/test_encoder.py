@@ -18,10 +18,16 @@ from oscar_client import captioning
 from oscar_client import encoder as encoder_module
 from oscar_client.caption_cache import FILE_NAME, CaptionCache
 from oscar_client.captioning import CaptionInputs, Captioner
-from oscar_client.encoder import ClassAccumulator, EncodedClient, class_means, encode_client
+from oscar_client.class_accumulator import ClassAccumulator
+from oscar_client.encoder import EncodedClient, encode_client
 from oscar_common.data import Sample, scan_image_folder
-from oscar_common.models import load_clip_text_encoder, load_diffusion_text_encoder
-from oscar_common.text_encoding import encode_pooled, encode_tokens
+from oscar_common.models import (
+    load_captioner_model,
+    load_captioner_processor,
+    load_clip_text_encoder,
+    load_diffusion_text_encoder,
+)
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN, install_tiny_blip2
 
 CPU = torch.device("cpu")
@@ -70,30 +76,35 @@ def _encode(samples, *, cache_dir: Path, cache=None, scheme="pooled", encoder_id
 
 
 # ---------------------------------------------------------------------- per-class sums and means
+def _encoded(sums: ClassAccumulator) -> EncodedClient:
+    """What encode_client returns for these sums (the caption fields are not what these tests check)."""
+    return EncodedClient(class_ids=sums.class_ids, counts=sums.counts, sums=sums.sums(), captions=[], paths=[],
+                         labels=np.zeros(0, dtype=np.int64), unreadable=[], captioned=0, cached=0)
+
+
 def test_class_means_by_hand() -> None:
     embeddings = np.array([[1, 0], [3, 2], [0, 0], [5, 5], [1, 1], [2, 4]], dtype=np.float32)
-    labels = np.array([7, 7, 2, 9, 2, 7])
-    ids, counts, means = class_means(embeddings, labels)
-    assert ids.tolist() == [2, 7, 9] and ids.dtype == np.int64  # sorted by id
-    assert counts.tolist() == [2, 3, 1] and counts.dtype == np.int64
-    np.testing.assert_allclose(means, [[0.5, 0.5], [2, 2], [5, 5]])
-    assert means.dtype == np.float32
-
-    ids, counts, means = class_means(embeddings, labels, min_count=2)  # class 9 has one sample
-    assert ids.tolist() == [2, 7] and counts.tolist() == [2, 3]
-    np.testing.assert_allclose(means, [[0.5, 0.5], [2, 2]])
+    sums = ClassAccumulator()
+    sums.add(embeddings, np.array([7, 7, 2, 9, 2, 7]))
+    encoded = _encoded(sums)
+    assert encoded.class_ids.tolist() == [2, 7, 9] and encoded.class_ids.dtype == np.int64  # sorted by id
+    assert encoded.counts.tolist() == [2, 3, 1] and encoded.counts.dtype == np.int64
+    np.testing.assert_allclose(encoded.means, [[0.5, 0.5], [2, 2], [5, 5]])
+    assert encoded.means.dtype == np.float32
 
     tokens = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)  # [N, 77, H]-like means keep their shape
-    _, _, token_means = class_means(tokens, np.array([1, 0, 1, 1]))
-    np.testing.assert_allclose(token_means, [tokens[1], tokens[[0, 2, 3]].mean(0)])
+    token_sums = ClassAccumulator()
+    token_sums.add(tokens, np.array([1, 0, 1, 1]))
+    np.testing.assert_allclose(_encoded(token_sums).means, [tokens[1], tokens[[0, 2, 3]].mean(0)])
 
 
-def test_class_means_does_not_renormalise() -> None:
-    _, _, means = class_means(np.array([[1, 0], [0, 1]], dtype=np.float32), np.array([0, 0]))
-    np.testing.assert_allclose(means[0], [0.5, 0.5])  # norm 0.707: the plain average, as in the paper
+def test_class_means_are_not_renormalised() -> None:
+    sums = ClassAccumulator()
+    sums.add(np.array([[1, 0], [0, 1]], dtype=np.float32), np.array([0, 0]))
+    np.testing.assert_allclose(_encoded(sums).means[0], [0.5, 0.5])  # norm 0.707: the plain average, as in the paper
 
 
-def test_accumulator_in_batches_and_its_transform_seam() -> None:
+def test_accumulator_in_batches() -> None:
     rows = np.array([[3, 4], [1, 0], [0, 2], [6, 8], [0, 1]], dtype=np.float32)
     labels = np.array([1, 0, 1, 1, 0])
     streamed = ClassAccumulator(keep_embeddings=True)
@@ -102,21 +113,12 @@ def test_accumulator_in_batches_and_its_transform_seam() -> None:
     assert streamed.class_ids.tolist() == [0, 1] and streamed.counts.tolist() == [2, 3]
     assert streamed.sums().dtype == np.float64
     np.testing.assert_array_equal(streamed.sums(), [[1, 1], [9, 14]])
-    np.testing.assert_allclose(streamed.means()[2], [[0.5, 0.5], [3, 14 / 3]])
+    np.testing.assert_allclose(_encoded(streamed).means, [[0.5, 0.5], [3, 14 / 3]])
     kept, kept_labels = streamed.embeddings()
     np.testing.assert_array_equal(kept, rows)
     np.testing.assert_array_equal(kept_labels, labels)
-
-    def clip_to_unit_norm(batch: np.ndarray) -> np.ndarray:  # what differential privacy will plug in
-        norms = np.linalg.norm(batch, axis=1, keepdims=True)
-        return batch / np.maximum(norms, 1.0)
-
-    clipped = ClassAccumulator(transform=clip_to_unit_norm)
-    clipped.add(rows, labels)
-    # [3,4] -> [.6,.8]; [0,2] -> [0,1]; [6,8] -> [.6,.8]; rows of norm <= 1 unchanged
-    np.testing.assert_allclose(clipped.sums(), [[1, 1], [1.2, 2.6]], rtol=1e-6)
     with pytest.raises(ValueError, match="labels"):
-        clipped.add(rows, labels[:2])
+        streamed.add(rows, labels[:2])
 
 
 # ---------------------------------------------------------------------- text encoders
@@ -134,16 +136,17 @@ def test_encode_pooled(tiny_hub: Path) -> None:
 def test_encode_tokens_matches_the_pipeline(tiny_hub: Path) -> None:
     tokenizer, text_encoder = load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32, cache_dir=tiny_hub)
     hidden = encode_tokens(["a cat", "a dog on a red sofa", ""], tokenizer, text_encoder, batch_size=2)
-    assert hidden.shape == (3, 77, TEXT_HIDDEN)
+    assert hidden.shape == (3, CLIP_CONTEXT_LENGTH, TEXT_HIDDEN)
     # what StableDiffusionPipeline.encode_prompt feeds the UNet for the same prompt
-    ids = tokenizer("a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer("a cat", padding="max_length", max_length=CLIP_CONTEXT_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(hidden[0], text_encoder(ids)[0][0])
 
 
 # ---------------------------------------------------------------------- image files -> means
 @pytest.mark.parametrize("scheme, encoder_id, shape", [("pooled", CLIP_ID, (512,)),
-                                                       ("tokens", DIFFUSION_ID, (77, TEXT_HIDDEN))])
+                                                       ("tokens", DIFFUSION_ID, (CLIP_CONTEXT_LENGTH, TEXT_HIDDEN))])
 def test_encode_client(tiny_hub: Path, tmp_path: Path, scheme: str, encoder_id: str, shape: tuple[int, ...]) -> None:
     samples = _digit_folder(tmp_path, {3: 3, 1: 2, 8: 1})
     truncated = tmp_path / "three" / "truncated.png"
@@ -157,8 +160,6 @@ def test_encode_client(tiny_hub: Path, tmp_path: Path, scheme: str, encoder_id: 
     assert encoded.captioned == 6 and encoded.cached == 0
     assert encoded.sums.shape == (3, *shape) and encoded.sums.dtype == np.float64
     assert encoded.means.shape == (3, *shape) and encoded.means.dtype == np.float32
-    ids, counts, means = encoded.class_means(min_count=2)  # digit 8 has one image
-    assert ids.tolist() == [1, 3] and counts.tolist() == [2, 3] and means.shape == (2, *shape)
     assert encoded.labels.tolist() == [8, 1, 1, 3, 3, 3]  # one per readable image, in input order
     assert [p.parent.name for p in encoded.paths] == ["eight", "one", "one", "three", "three", "three"]
     assert all(encoded.captions) and len(set(encoded.captions)) > 1
@@ -195,7 +196,8 @@ def test_encode_client_rejects_bad_input(tiny_hub: Path, tmp_path: Path) -> None
 def test_keep_embeddings_refuses_what_memory_cannot_hold(tiny_hub: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     samples = _digit_folder(tmp_path, {0: 3})
-    monkeypatch.setattr(encoder_module, "KEEP_EMBEDDINGS_MAX_BYTES", 2 * 77 * TEXT_HIDDEN * 4)  # room for 2 images
+    room_for_two_images = 2 * CLIP_CONTEXT_LENGTH * TEXT_HIDDEN * 4
+    monkeypatch.setattr(encoder_module, "KEEP_EMBEDDINGS_MAX_BYTES", room_for_two_images)
     with pytest.raises(ValueError, match="per-image embeddings of 3 images"):
         _encode(samples, scheme="tokens", encoder_id=DIFFUSION_ID, keep_embeddings=True, cache_dir=tiny_hub)
 
@@ -345,10 +347,9 @@ def test_blip2_captions_a_client(tiny_hub: Path, tmp_path: Path) -> None:
 
 
 def test_workers_hand_over_uint8_and_the_device_finishes_the_processor(tiny_hub: Path, tmp_path: Path) -> None:
-    from oscar_common.models import load_captioner
-
     samples = _digit_folder(tmp_path, {1: 2})
-    captioner = Captioner(*load_captioner(CAPTIONER_ID, CPU, F32, cache_dir=tiny_hub))
+    captioner = Captioner(load_captioner_processor(CAPTIONER_ID, tiny_hub),
+                          load_captioner_model(CAPTIONER_ID, CPU, F32, tiny_hub))
     index, resized, reason = CaptionInputs([s.path for s in samples], captioner.image_processor)[1]
     assert index == 1 and reason is None and resized.dtype == torch.uint8 and resized.shape == (3, 32, 32)
     with Image.open(samples[1].path) as image:
