@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -147,28 +146,9 @@ def stratified_split(
     return sorted(train, key=key), sorted(test, key=key)
 
 
-def write_split_file(path: Path, samples: Sequence[Sample], root: Path) -> None:
-    """Write one ``relative/path`` per line (relative to ``root``; class = first component)."""
-    root = Path(os.path.abspath(root))  # abspath, not resolve: symlinked class folders stay under root
-    lines = []
-    for sample in samples:
-        try:
-            rel = Path(os.path.abspath(sample.path)).relative_to(root)
-        except ValueError:
-            raise DataDirError(f"{sample.path} is not under {root}") from None
-        if rel.parts[0] != sample.class_name:
-            raise DataDirError(f"{sample.path}: class {sample.class_name!r} is not its first folder")
-        lines.append(rel.as_posix())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
 def read_split_file(path: Path, root: Path) -> list[Sample]:
-    """Read a split file written by :func:`write_split_file` (blank lines and ``#`` comments skipped)."""
+    """Read a split file: one ``<class_name>/<file>`` path per line, relative to ``root`` (blank lines and
+    ``#`` comments skipped)."""
     path, root = Path(path), _check_root(root)
     if not path.is_file():
         raise DataDirError(f"split file {path} does not exist")
@@ -240,7 +220,7 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """``(image, label)`` items from ``(path or PIL image, label)`` pairs, decoded as RGB.
+    """``(transform(image), label)`` items from ``(image file, label)`` pairs, decoded as RGB.
 
     With ``skip_unreadable``, an image that cannot be decoded is logged and yields ``None`` instead of
     raising; :func:`collate_readable` drops those from the batch and counts them, so one corrupt file
@@ -249,8 +229,8 @@ class ImageListDataset(Dataset):
 
     def __init__(
         self,
-        items: Sequence[tuple[Path | str | Image.Image, int]],
-        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        items: Sequence[tuple[Path | str, int]],
+        transform: Callable[[Image.Image], torch.Tensor],
         skip_unreadable: bool = False,
     ) -> None:
         self.items = list(items)
@@ -262,7 +242,7 @@ class ImageListDataset(Dataset):
         cls,
         samples: Sequence[Sample],
         class_names: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        transform: Callable[[Image.Image], torch.Tensor],
         skip_unreadable: bool = False,
     ) -> "ImageListDataset":
         """Label each sample by its class's index in ``class_names``."""
@@ -277,17 +257,14 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, i: int):
         source, label = self.items[i]
-        if isinstance(source, Image.Image):
-            image = source.convert("RGB")
-        else:
-            try:
-                image = open_rgb(Path(source))
-            except UNREADABLE as exc:
-                if self.skip_unreadable:
-                    logger.warning("skipping unreadable image %s: %s", source, exc)
-                    return None
-                raise OSError(f"cannot read image {source}: {exc}") from exc  # name the file: PIL does not
-        return (self.transform(image) if self.transform else image), label
+        try:
+            image = open_rgb(Path(source))
+        except UNREADABLE as exc:
+            if self.skip_unreadable:
+                logger.warning("skipping unreadable image %s: %s", source, exc)
+                return None
+            raise OSError(f"cannot read image {source}: {exc}") from exc  # name the file: PIL does not
+        return self.transform(image), label
 
 
 def collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -22,7 +22,6 @@ from oscar_common.classifier import (
     evaluate_classifier,
     save_classifier,
 )
-from oscar_common.data import ImageListDataset
 from oscar_common.image_cache import decode_images
 from oscar_common.recipes import resolve_recipe
 from oscar_common.training import train_classifier
@@ -47,6 +46,12 @@ def _blob(model, **kwargs) -> bytes:
     return classifier_to_bytes(model, {"run": "test"}, **kwargs)
 
 
+def _eval_set(items, side) -> list[tuple[torch.Tensor, int]]:
+    """In-memory images as evaluate_classifier sees a client's test files: transformed for evaluation."""
+    transform = eval_transform(side, "official")
+    return [(transform(image.convert("RGB")), label) for image, label in items]
+
+
 def _cache(items, side):
     return decode_images([image for image, _ in items], [label for _, label in items], side=side, device="cpu",
                          num_workers=0)
@@ -58,8 +63,7 @@ def test_trainer_learns_held_out_digits(digits):
     recipe = resolve_recipe("official", epochs=6, lr=0.003, batch_size=16)  # no augmentation
     stats = train_classifier(model, _cache(train, 32), recipe=recipe, image_size=32, seed=0, device="cpu",
                              precision="auto")
-    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
-                                 batch_size=64, device="cpu")
+    result = evaluate_classifier(model, _eval_set(test, 32), 3, batch_size=64, device="cpu")
     assert stats.epochs == 6 and stats.epochs_run == 6 and len(stats.losses) == 6 and stats.seconds > 0
     assert stats.images == 120 and stats.precision == "fp32" and stats.lrs == [0.003] * 6
     assert stats.losses[-1] < stats.losses[0]
@@ -216,6 +220,5 @@ def test_bf16_training_runs_under_autocast_and_learns(digits):
     assert stats.precision == "bf16" and set(seen) == {torch.bfloat16}
     assert np.isfinite(stats.losses).all() and stats.losses[-1] < stats.losses[0]
     assert next(model.parameters()).dtype == torch.float32
-    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
-                                 batch_size=64, device="cpu")
+    result = evaluate_classifier(model, _eval_set(test, 32), 3, batch_size=64, device="cpu")
     assert result.accuracy >= 0.8, result
