@@ -97,7 +97,6 @@ def encode_client(
     cache: CaptionCache | None,
     blip2_prompt: str = "",
     keep_embeddings: bool = False,
-    cache_dir: str | Path | None = None,
 ) -> EncodedClient:
     """Caption, encode and sum a client's labelled image files under ``scheme`` (``pooled`` or ``tokens``).
 
@@ -106,7 +105,7 @@ def encode_client(
     client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
     ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
     ``blip2_prompt``: the text prompt a BLIP-2 captioner continues (the run's ``blip2-prompt``; BLIP takes none).
-    ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models).
+    Models come from the hub cache that HF_HUB_CACHE names (see oscar_common.models).
     """
     # 1. Check inputs (before any model is loaded)
     if scheme not in SCHEMES:
@@ -124,19 +123,19 @@ def encode_client(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if keep_embeddings:
-        _check_keep_budget(len(samples), scheme, encoder_id, cache_dir)
+        _check_keep_budget(len(samples), scheme, encoder_id)
     labels = np.array([index[s.class_name] for s in samples], dtype=np.int64)
     log.info("encoding %d images of %d classes (scheme %s, captioner %s, encoder %s, %s)", len(samples),
              len(np.unique(labels)), scheme, captioner_id, encoder_id, device)
 
     # 2. Captions: from the cache where it has them, generated (streamed) for the rest
-    settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id, cache_dir), dtype=dtype,
+    settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id), dtype=dtype,
                                 max_new_tokens=max_new_tokens,
-                                prompt=captioner_prompt(captioner_id, blip2_prompt, cache_dir))
+                                prompt=captioner_prompt(captioner_id, blip2_prompt))
     run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
                         num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
-                        load_processor=lambda: load_captioner_processor(captioner_id, cache_dir),
-                        load_model=lambda: load_captioner_model(captioner_id, device, dtype, cache_dir))
+                        load_processor=lambda: load_captioner_processor(captioner_id),
+                        load_model=lambda: load_captioner_model(captioner_id, device, dtype))
     captions = run.captions
     readable = [i for i, c in enumerate(captions) if c is not None]
     if not readable:
@@ -145,10 +144,10 @@ def encode_client(
     # 3. Encode the captions (in input order, fixed batches) into running per-class sums
     started = time.perf_counter()
     if scheme == "pooled":
-        tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
+        tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype)
         encode = encode_pooled
     else:
-        tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
+        tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype)
         encode = encode_tokens
     sums = ClassAccumulator(keep_embeddings=keep_embeddings)
     for start in progress(range(0, len(readable), TEXT_BATCH_SIZE), desc="encoding captions", unit="batch",
@@ -179,8 +178,8 @@ def encode_client(
     )
 
 
-def _check_keep_budget(images: int, scheme: str, encoder_id: str, cache_dir: str | Path | None) -> None:
-    width = text_embedding_dim(scheme, encoder_id, cache_dir)
+def _check_keep_budget(images: int, scheme: str, encoder_id: str) -> None:
+    width = text_embedding_dim(scheme, encoder_id)
     per_image = 4 * width * (CLIP_CONTEXT_LENGTH if scheme == "tokens" else 1)
     if images * per_image > KEEP_EMBEDDINGS_MAX_BYTES:
         raise ValueError(
