@@ -112,13 +112,13 @@ def test_evaluate_reports_per_class_accuracy_for_present_classes_only():
 def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
     model = build_classifier(5, seed=3).eval()
     x = torch.randn(2, 3, 32, 32)
-    blob = _blob(model, class_names=list("abcde"))
-    restored = classifier_from_bytes(blob, 5, expected_class_names=list("abcde")).eval()
+    names = list("abcde")
+    restored = classifier_from_bytes(_blob(model, class_names=names), 5, expected_class_names=names).eval()
     with torch.no_grad():
         assert torch.equal(model(x), restored(x))
-    save_classifier(model, tmp_path / "w" / "model.safetensors", {"run": "test"})
+    save_classifier(model, tmp_path / "w" / "model.safetensors", {"run": "test"}, class_names=names)
     with torch.no_grad():
-        written = classifier_from_bytes((tmp_path / "w" / "model.safetensors").read_bytes(), 5).eval()
+        written = classifier_from_bytes((tmp_path / "w" / "model.safetensors").read_bytes(), 5, names).eval()
         assert torch.equal(model(x), written(x))
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]  # no temp files left
 
@@ -127,12 +127,12 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
                                      (2**40).to_bytes(8, "little") + b"{}"])
 def test_rejects_garbage(garbage):
     with pytest.raises(ClassifierFormatError, match="not a safetensors file"):
-        classifier_from_bytes(garbage, 3)
+        classifier_from_bytes(garbage, 3, list("abc"))
 
 
 def test_rejects_wrong_num_classes():
     with pytest.raises(ClassifierFormatError, match="4 classes.*expected 3"):
-        classifier_from_bytes(_blob(build_classifier(4)), 3)
+        classifier_from_bytes(_blob(build_classifier(4), class_names=list("abcd")), 3, list("abc"))
 
 
 def test_rejects_wrong_class_names():
@@ -151,28 +151,28 @@ def _tampered(state_change, metadata_change=None) -> bytes:
 def test_rejects_missing_key():
     blob = _tampered(lambda s: s.pop("layer2.0.conv1.weight"))
     with pytest.raises(ClassifierFormatError, match=r"missing tensors \['layer2.0.conv1.weight'\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_extra_key():
     blob = _tampered(lambda s: s.update(backdoor=torch.zeros(1)))
     with pytest.raises(ClassifierFormatError, match=r"unexpected tensors \['backdoor'\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_wrong_shape():
     blob = _tampered(lambda s: s.update({"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}))
     with pytest.raises(ClassifierFormatError, match=r"wrong shapes layer1.0.conv1.weight \[64, 64, 1, 1\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_wrong_architecture_metadata():
     with pytest.raises(ClassifierFormatError, match="architecture metadata is 'resnet50'"):
-        classifier_from_bytes(_tampered(lambda s: None, {"architecture": "resnet50"}), 3)
+        classifier_from_bytes(_tampered(lambda s: None, {"architecture": "resnet50"}), 3, list("abc"))
     state = {k: v.contiguous() for k, v in build_classifier(3).state_dict().items()}
     no_metadata = safetensors.torch.save(state)
     with pytest.raises(ClassifierFormatError, match="architecture metadata is None"):
-        classifier_from_bytes(no_metadata, 3)
+        classifier_from_bytes(no_metadata, 3, list("abc"))
 
 
 def test_metadata_carries_architecture_classes_and_caller_keys(tmp_path):
