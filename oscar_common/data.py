@@ -69,19 +69,19 @@ def _check_root(root: Path) -> Path:
     return root
 
 
-def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> ScanResult:
-    """List ``root/<class>/**/<image>`` files, sorted by (class, relative path).
+def scan_image_folder(root: Path, class_names: Sequence[str]) -> ScanResult:
+    """List ``root/<class>/**/<image>`` files of the classes in ``class_names``, sorted by (class, relative path).
 
-    With ``class_names``, folders not in it are skipped (and reported in ``unknown_classes``); classes
-    of ``class_names`` without a folder are simply absent. Hidden files and folders are ignored.
+    Folders not in ``class_names`` are skipped (and reported in ``unknown_classes``); classes of
+    ``class_names`` without a folder are simply absent. Hidden files and folders are ignored.
     """
     root = _check_root(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     if not folders:
         raise DataDirError(f"no class folders in {root}; expected layout {_LAYOUT}")
-    wanted = set(class_names) if class_names is not None else None
-    unknown = [p.name for p in folders if wanted is not None and p.name not in wanted]
-    if wanted is not None and len(unknown) == len(folders):
+    wanted = set(class_names)
+    unknown = [p.name for p in folders if p.name not in wanted]
+    if len(unknown) == len(folders):
         raise DataDirError(
             f"none of the {len(folders)} class folders of {root} is a class of this federation: folders "
             f"{_few(unknown)}; the federation's class-names {_few(sorted(wanted))}. Check the server's class-names "
@@ -177,7 +177,7 @@ def read_split_file(path: Path, root: Path) -> list[Sample]:
 
 def load_client_split(
     root: Path,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str],
     test_fraction: float = 0.2,
     seed: int = 0,
     train_list: Path | None = None,
@@ -196,13 +196,12 @@ def load_client_split(
         given = {s.path for s in (train if train is not None else test)}
         rest = [s for s in scan_image_folder(root, class_names).samples if s.path not in given]
         train, test = (train, rest) if train is not None else (rest, test)
-    if class_names is not None:
-        wanted = set(class_names)
-        dropped = sorted({s.class_name for s in train + test} - wanted)
-        if dropped:
-            logger.warning("%s: split files list unknown classes, skipped: %s", root, ", ".join(dropped))
-            train = [s for s in train if s.class_name in wanted]
-            test = [s for s in test if s.class_name in wanted]
+    wanted = set(class_names)
+    dropped = sorted({s.class_name for s in train + test} - wanted)
+    if dropped:
+        logger.warning("%s: split files list unknown classes, skipped: %s", root, ", ".join(dropped))
+        train = [s for s in train if s.class_name in wanted]
+        test = [s for s in test if s.class_name in wanted]
     overlap = {s.path for s in train} & {s.path for s in test}
     if overlap:
         logger.warning("%s: %d image(s) are in both the train and the test split", root, len(overlap))

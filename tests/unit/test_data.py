@@ -33,10 +33,13 @@ def _write_images(root: Path, counts: dict[str, int]) -> None:
             Image.new("RGB", (8, 8), (i * 10 % 256, 0, 0)).save(root / class_name / f"img{i:03d}.png")
 
 
+CLIENT_CLASSES = ["cat", "dog", "owl", "yak"]
+
+
 @pytest.fixture
 def client_dir(tmp_path: Path) -> Path:
     root = tmp_path / "client"
-    _write_images(root, {"cat": 10, "dog": 5, "owl": 2, "yak": 1})
+    _write_images(root, dict(zip(CLIENT_CLASSES, [10, 5, 2, 1])))
     return root
 
 
@@ -47,7 +50,7 @@ def test_scan_sorts_and_ignores_hidden_and_non_images(client_dir):
     Image.new("RGB", (4, 4)).save(client_dir / ".cache" / "a.png")
     (client_dir / "dog" / "nested").mkdir()
     Image.new("L", (4, 4)).save(client_dir / "dog" / "nested" / "b.JPG")
-    result = scan_image_folder(client_dir)
+    result = scan_image_folder(client_dir, CLIENT_CLASSES)
     assert result.counts() == {"cat": 10, "dog": 6, "owl": 2, "yak": 1}
     assert result.unknown_classes == []
     keys = [(s.class_name, s.path.relative_to(client_dir).as_posix()) for s in result.samples]
@@ -92,18 +95,18 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_missing_or_empty_dirs_raise_clear_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(DataDirError, match=f"{missing}.*does not exist.*<class_name>"):
-        scan_image_folder(missing)
+        scan_image_folder(missing, CLIENT_CLASSES)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataDirError, match="no class folders"):
-        scan_image_folder(tmp_path / "empty")
+        scan_image_folder(tmp_path / "empty", CLIENT_CLASSES)
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     (tmp_path / "noimg" / "cat" / "readme.txt").write_text("x")
     with pytest.raises(DataDirError, match="no image files"):
-        scan_image_folder(tmp_path / "noimg")
+        scan_image_folder(tmp_path / "noimg", CLIENT_CLASSES)
 
 
 def test_stratified_split_is_deterministic_and_stratified(client_dir):
-    samples = scan_image_folder(client_dir).samples
+    samples = scan_image_folder(client_dir, CLIENT_CLASSES).samples
     train, test = stratified_split(samples, test_fraction=0.2, seed=3)
     shuffled = samples[:]
     random.Random(0).shuffle(shuffled)
@@ -129,17 +132,17 @@ def _write_split_file(path: Path, samples: list, root: Path) -> None:
 
 
 def test_split_files_round_trip(client_dir, tmp_path):
-    train, test = stratified_split(scan_image_folder(client_dir).samples, 0.3, seed=1)
+    train, test = stratified_split(scan_image_folder(client_dir, CLIENT_CLASSES).samples, 0.3, seed=1)
     _write_split_file(tmp_path / "splits" / "train.txt", train, client_dir)
     _write_split_file(tmp_path / "splits" / "test.txt", test, client_dir)
     assert read_split_file(tmp_path / "splits" / "train.txt", client_dir) == train
-    assert load_client_split(client_dir, train_list=tmp_path / "splits" / "train.txt",
+    assert load_client_split(client_dir, CLIENT_CLASSES, train_list=tmp_path / "splits" / "train.txt",
                              test_list=tmp_path / "splits" / "test.txt") == (train, test)
     # With only the test list, train is everything else.
-    only_test = load_client_split(client_dir, test_list=tmp_path / "splits" / "test.txt")
+    only_test = load_client_split(client_dir, CLIENT_CLASSES, test_list=tmp_path / "splits" / "test.txt")
     assert only_test == (train, test)
     # Without split files, the stratified split with the same seed.
-    assert load_client_split(client_dir, test_fraction=0.3, seed=1) == (train, test)
+    assert load_client_split(client_dir, CLIENT_CLASSES, test_fraction=0.3, seed=1) == (train, test)
 
 
 def test_split_file_errors_name_the_problem(client_dir, tmp_path):

@@ -72,7 +72,7 @@ def _digit_folder(root: Path, per_class: dict[int, int]) -> list[Sample]:
         (root / CLASSES[digit]).mkdir(parents=True, exist_ok=True)
         for k, i in enumerate(np.flatnonzero(y == digit)[:n]):
             Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(root / CLASSES[digit] / f"{k:03d}.png")
-    return scan_image_folder(root).samples
+    return scan_image_folder(root, CLASSES).samples
 
 
 def _encode(samples, *, cache=None, scheme="pooled", encoder_id=CLIP_ID, batch_size=4,
@@ -160,7 +160,7 @@ def test_encode_client(offline_hub: Path, tmp_path: Path, scheme: str, encoder_i
     truncated = tmp_path / "three" / "truncated.png"
     truncated.write_bytes((tmp_path / "three" / "000.png").read_bytes()[:60])
     (tmp_path / "one" / "notes.png").write_text("not an image")
-    samples = scan_image_folder(tmp_path).samples
+    samples = scan_image_folder(tmp_path, CLASSES).samples
     encoded = _encode(samples, scheme=scheme, encoder_id=encoder_id, keep_embeddings=True)
     assert isinstance(encoded, EncodedClient)
     assert encoded.class_ids.tolist() == [1, 3, 8] and encoded.counts.tolist() == [2, 3, 1]
@@ -286,7 +286,7 @@ def test_second_run_reuses_the_cache(offline_hub: Path, tmp_path: Path, monkeypa
                                      caplog: pytest.LogCaptureFixture) -> None:
     samples = _digit_folder(tmp_path / "data", {2: 4, 5: 3})
     (tmp_path / "data" / "two" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    samples = scan_image_folder(tmp_path / "data").samples
+    samples = scan_image_folder(tmp_path / "data", CLASSES).samples
     out = tmp_path / "out"
     calls = {"generate": 0, "load": 0}
     generate, load = Captioner.generate, encoder_module.load_captioner_model
