@@ -68,10 +68,10 @@ def caption_settings(captioner_id: str, *, revision: str, dtype: torch.dtype, ma
             "max_new_tokens": int(max_new_tokens), "prompt": prompt}
 
 
-def captioner_prompt(captioner_id: str, blip2_prompt: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+def captioner_prompt(captioner_id: str, blip2_prompt: str) -> str:
     """The text prompt a captioner is given: ``blip2_prompt`` for a BLIP-2, none for BLIP (the model type is
     read from the checkpoint's config, without loading weights)."""
-    return blip2_prompt if captioner_type(captioner_id, cache_dir) == "blip-2" else ""
+    return blip2_prompt if captioner_type(captioner_id) == "blip-2" else ""
 
 
 class Captioner:

@@ -26,7 +26,7 @@ import torch
 
 from oscar_client.caption_cache import CaptionCache
 from oscar_client.captioning import AUTO, caption_files, caption_settings, captioner_prompt
-from oscar_client.class_accumulator import ClassAccumulator, class_means
+from oscar_client.class_accumulator import ClassAccumulator
 from oscar_common.choices import SCHEMES
 from oscar_common.data import Sample
 from oscar_common.devices import free_device_memory
@@ -39,14 +39,13 @@ from oscar_common.models import (
     load_diffusion_text_encoder,
     text_embedding_dim,
 )
-from oscar_common.text_encoding import encode_pooled, encode_tokens
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 
-__all__ = ["ClassAccumulator", "EncodedClient", "class_means", "encode_client"]
+__all__ = ["EncodedClient", "encode_client"]
 
 log = logging.getLogger(__name__)
 
 TEXT_BATCH_SIZE = 64  # fixed, so the same captions give bit-identical embeddings in every run
-TOKENS_LENGTH = 77  # CLIP's context length: every SD 1.x / 2.x text encoder's, the rows of a tokens embedding
 # keep_embeddings keeps every image's embedding: 2 KiB per image for pooled CLIP (2M images fit), but
 # 77 x 768 x 4 = 231 KiB for SD 1.x tokens (about 18k images fit). Beyond this, encode_client refuses
 # before any work starts rather than running out of memory after hours of captioning.
@@ -61,7 +60,7 @@ class EncodedClient:
 
     class_ids: np.ndarray  # int64 [K], sorted
     counts: np.ndarray  # int64 [K]
-    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens), after the accumulator's transform if any
+    sums: np.ndarray  # float64 [K, D] (pooled) or [K, 77, H] (tokens)
     captions: list[str]  # [N]
     paths: list[Path]  # [N] the image each caption describes
     labels: np.ndarray  # int64 [N] class id of each caption
@@ -76,13 +75,11 @@ class EncodedClient:
 
     @property
     def means(self) -> np.ndarray:
-        """float32 per-class means of every class (not renormalised)."""
-        return (self.sums / self.counts.reshape(-1, *([1] * (self.sums.ndim - 1)))).astype(np.float32)
+        """float32 per-class means of every class, computed from the float64 sums.
 
-    def class_means(self, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(class_ids, counts, means)`` of the classes with at least ``min_count`` images."""
-        keep = self.counts >= min_count
-        return self.class_ids[keep], self.counts[keep], self.means[keep]
+        Deliberately *not* renormalised: the paper uploads the plain average of unit vectors (its norm also
+        says how consistent a class's captions were)."""
+        return (self.sums / self.counts.reshape(-1, *([1] * (self.sums.ndim - 1)))).astype(np.float32)
 
 
 def encode_client(
@@ -100,7 +97,6 @@ def encode_client(
     cache: CaptionCache | None,
     blip2_prompt: str = "",
     keep_embeddings: bool = False,
-    cache_dir: str | Path | None = None,
 ) -> EncodedClient:
     """Caption, encode and sum a client's labelled image files under ``scheme`` (``pooled`` or ``tokens``).
 
@@ -109,7 +105,7 @@ def encode_client(
     client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
     ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
     ``blip2_prompt``: the text prompt a BLIP-2 captioner continues (the run's ``blip2-prompt``; BLIP takes none).
-    ``cache_dir`` overrides HF_HUB_CACHE (see oscar_common.models).
+    Models come from the hub cache that HF_HUB_CACHE names (see oscar_common.models).
     """
     # 1. Check inputs (before any model is loaded)
     if scheme not in SCHEMES:
@@ -127,19 +123,19 @@ def encode_client(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if keep_embeddings:
-        _check_keep_budget(len(samples), scheme, encoder_id, cache_dir)
+        _check_keep_budget(len(samples), scheme, encoder_id)
     labels = np.array([index[s.class_name] for s in samples], dtype=np.int64)
     log.info("encoding %d images of %d classes (scheme %s, captioner %s, encoder %s, %s)", len(samples),
              len(np.unique(labels)), scheme, captioner_id, encoder_id, device)
 
     # 2. Captions: from the cache where it has them, generated (streamed) for the rest
-    settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id, cache_dir), dtype=dtype,
+    settings = caption_settings(captioner_id, revision=checkpoint_revision(captioner_id), dtype=dtype,
                                 max_new_tokens=max_new_tokens,
-                                prompt=captioner_prompt(captioner_id, blip2_prompt, cache_dir))
+                                prompt=captioner_prompt(captioner_id, blip2_prompt))
     run = caption_files([s.path for s in samples], settings=settings, cache=cache, batch_size=batch_size,
                         num_workers=num_workers, max_new_tokens=max_new_tokens, device=device,
-                        load_processor=lambda: load_captioner_processor(captioner_id, cache_dir),
-                        load_model=lambda: load_captioner_model(captioner_id, device, dtype, cache_dir))
+                        load_processor=lambda: load_captioner_processor(captioner_id),
+                        load_model=lambda: load_captioner_model(captioner_id, device, dtype))
     captions = run.captions
     readable = [i for i, c in enumerate(captions) if c is not None]
     if not readable:
@@ -148,10 +144,10 @@ def encode_client(
     # 3. Encode the captions (in input order, fixed batches) into running per-class sums
     started = time.perf_counter()
     if scheme == "pooled":
-        tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
+        tokenizer, text_model = load_clip_text_encoder(encoder_id, device, dtype)
         encode = encode_pooled
     else:
-        tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype, cache_dir=cache_dir)
+        tokenizer, text_model = load_diffusion_text_encoder(encoder_id, device, dtype)
         encode = encode_tokens
     sums = ClassAccumulator(keep_embeddings=keep_embeddings)
     for start in progress(range(0, len(readable), TEXT_BATCH_SIZE), desc="encoding captions", unit="batch",
@@ -182,9 +178,9 @@ def encode_client(
     )
 
 
-def _check_keep_budget(images: int, scheme: str, encoder_id: str, cache_dir: str | Path | None) -> None:
-    width = text_embedding_dim(scheme, encoder_id, cache_dir)
-    per_image = 4 * width * (TOKENS_LENGTH if scheme == "tokens" else 1)
+def _check_keep_budget(images: int, scheme: str, encoder_id: str) -> None:
+    width = text_embedding_dim(scheme, encoder_id)
+    per_image = 4 * width * (CLIP_CONTEXT_LENGTH if scheme == "tokens" else 1)
     if images * per_image > KEEP_EMBEDDINGS_MAX_BYTES:
         raise ValueError(
             f"keeping the per-image embeddings of {images} images under scheme {scheme!r} needs "

@@ -36,7 +36,7 @@ public captions (``oscar_client.clip_norm``). Noise grows with C, so a good cent
 Calibration (``oscar_common.dp_calibration``, shared with the server, which checks a declared record
 with it). sigma comes from the analytic Gaussian mechanism (Balle & Wang, ICML 2018, arXiv 1805.06530,
 Thm. 8): the smallest sigma for which the Gaussian mechanism of sensitivity Delta is (epsilon, delta)-DP,
-computed by Google's ``dp-accounting`` (``get_sigma_gaussian`` / ``get_epsilon_gaussian``). It is exact for
+computed by Google's ``dp-accounting`` (``get_sigma_gaussian``). It is exact for
 every epsilon, unlike the classic ``sqrt(2 ln(1.25/delta)) * Delta / epsilon`` (Dwork & Roth 2014,
 Thm. A.1), which needs epsilon < 1 and is looser (4.84 against 3.73 at epsilon = 1, delta = 1e-5).
 
@@ -61,7 +61,6 @@ in Opacus without its secure mode).
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -71,15 +70,13 @@ from oscar_common.dp_calibration import (
     MECHANISM,
     NEIGHBOURING,
     check_positive,
-    gaussian_epsilon,
     gaussian_sigma,
     mean_sensitivity,
 )
 from oscar_common.wire import DpRecord  # what was applied: goes on the wire and into the report
 
-__all__ = ["DpRecord", "MECHANISM", "NEIGHBOURING", "clip_to_norm", "clipped_mean", "gaussian_epsilon",
-           "gaussian_sigma", "keyed_generator", "mean_sensitivity", "noise_seed", "privatize_class_means",
-           "release_id"]
+__all__ = ["DpRecord", "MECHANISM", "NEIGHBOURING", "clip_to_norm", "clipped_mean", "gaussian_sigma",
+           "keyed_generator", "mean_sensitivity", "noise_seed", "privatize_class_means", "release_id"]
 
 
 def clip_to_norm(x: np.ndarray, max_norm: float) -> np.ndarray:

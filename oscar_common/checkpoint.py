@@ -74,13 +74,8 @@ def write_checkpoint(path: Path, snapshot: CheckpointSnapshot) -> None:
     atomic_write_bytes(path, save(tensors, metadata=snapshot.metadata))
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    progress: TrainingProgress) -> None:
-    write_checkpoint(path, snapshot_checkpoint(model, optimizer, progress))
-
-
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingProgress:
-    """Restore everything :func:`save_checkpoint` wrote; raises ``ValueError`` for a foreign file."""
+    """Restore everything :func:`write_checkpoint` wrote; raises ``ValueError`` for a foreign file."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:

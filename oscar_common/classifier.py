@@ -157,18 +157,17 @@ def classifier_to_bytes(
     model: nn.Module,
     metadata: Mapping[str, str] | None = None,
     *,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str],
 ) -> bytes:
-    """Serialise the state dict as safetensors with ``architecture``, ``num_classes`` (and
-    ``class_names``, a JSON list) added to ``metadata``."""
+    """Serialise the state dict as safetensors with ``architecture``, ``num_classes`` and ``class_names``
+    (a JSON list) added to ``metadata``."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["architecture"] = ARCHITECTURE
     meta["num_classes"] = str(model.fc.out_features)
-    if class_names is not None:
-        if len(class_names) != model.fc.out_features:
-            raise ValueError(f"{len(class_names)} class names for {model.fc.out_features} outputs")
-        meta["class_names"] = json.dumps(list(class_names))
+    if len(class_names) != model.fc.out_features:
+        raise ValueError(f"{len(class_names)} class names for {model.fc.out_features} outputs")
+    meta["class_names"] = json.dumps(list(class_names))
     return safetensors.torch.save(state, metadata=meta)
 
 
@@ -177,7 +176,7 @@ def save_classifier(
     path: Path,
     metadata: Mapping[str, str] | None = None,
     *,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str],
 ) -> None:
     """Write :func:`classifier_to_bytes` to ``path`` atomically (temp file + rename)."""
     atomic_write_bytes(Path(path), classifier_to_bytes(model, metadata, class_names=class_names))
@@ -213,13 +212,14 @@ def read_classifier_header(blob: bytes) -> tuple[dict[str, str], dict[str, list[
 
 
 def classifier_from_bytes(
-    blob: bytes, expected_num_classes: int, expected_class_names: Sequence[str] | None = None
+    blob: bytes, expected_num_classes: int, expected_class_names: Sequence[str]
 ) -> nn.Module:
     """Rebuild the ResNet-18 from a safetensors blob after checking its header.
 
     Checks, before any tensor is loaded: the blob parses as safetensors, ``architecture`` is resnet18,
     the head has ``expected_num_classes`` outputs, every parameter/buffer of the architecture is present
-    with the right shape and nothing else is; and, when both sides have them, the class names match.
+    with the right shape and nothing else is; and, when the blob names its classes, they are
+    ``expected_class_names``.
     """
     metadata, shapes = read_classifier_header(blob)
     if metadata.get("architecture") != ARCHITECTURE:
@@ -231,7 +231,7 @@ def classifier_from_bytes(
         raise ClassifierFormatError(
             f"classifier has {fc_shape[0]} classes (fc.weight {fc_shape}), expected {expected_num_classes}"
         )
-    if expected_class_names is not None and "class_names" in metadata:
+    if "class_names" in metadata:
         try:
             names = json.loads(metadata["class_names"])
         except ValueError:
@@ -258,10 +258,3 @@ def classifier_from_bytes(
         raise ClassifierFormatError(f"not a safetensors file: {exc}") from None
     model.load_state_dict(state, strict=True)
     return model
-
-
-def load_classifier(
-    path: Path, expected_num_classes: int, expected_class_names: Sequence[str] | None = None
-) -> nn.Module:
-    """:func:`classifier_from_bytes` on a file."""
-    return classifier_from_bytes(Path(path).read_bytes(), expected_num_classes, expected_class_names)

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -70,19 +69,19 @@ def _check_root(root: Path) -> Path:
     return root
 
 
-def scan_image_folder(root: Path, class_names: Sequence[str] | None = None) -> ScanResult:
-    """List ``root/<class>/**/<image>`` files, sorted by (class, relative path).
+def scan_image_folder(root: Path, class_names: Sequence[str]) -> ScanResult:
+    """List ``root/<class>/**/<image>`` files of the classes in ``class_names``, sorted by (class, relative path).
 
-    With ``class_names``, folders not in it are skipped (and reported in ``unknown_classes``); classes
-    of ``class_names`` without a folder are simply absent. Hidden files and folders are ignored.
+    Folders not in ``class_names`` are skipped (and reported in ``unknown_classes``); classes of
+    ``class_names`` without a folder are simply absent. Hidden files and folders are ignored.
     """
     root = _check_root(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     if not folders:
         raise DataDirError(f"no class folders in {root}; expected layout {_LAYOUT}")
-    wanted = set(class_names) if class_names is not None else None
-    unknown = [p.name for p in folders if wanted is not None and p.name not in wanted]
-    if wanted is not None and len(unknown) == len(folders):
+    wanted = set(class_names)
+    unknown = [p.name for p in folders if p.name not in wanted]
+    if len(unknown) == len(folders):
         raise DataDirError(
             f"none of the {len(folders)} class folders of {root} is a class of this federation: folders "
             f"{_few(unknown)}; the federation's class-names {_few(sorted(wanted))}. Check the server's class-names "
@@ -147,28 +146,9 @@ def stratified_split(
     return sorted(train, key=key), sorted(test, key=key)
 
 
-def write_split_file(path: Path, samples: Sequence[Sample], root: Path) -> None:
-    """Write one ``relative/path`` per line (relative to ``root``; class = first component)."""
-    root = Path(os.path.abspath(root))  # abspath, not resolve: symlinked class folders stay under root
-    lines = []
-    for sample in samples:
-        try:
-            rel = Path(os.path.abspath(sample.path)).relative_to(root)
-        except ValueError:
-            raise DataDirError(f"{sample.path} is not under {root}") from None
-        if rel.parts[0] != sample.class_name:
-            raise DataDirError(f"{sample.path}: class {sample.class_name!r} is not its first folder")
-        lines.append(rel.as_posix())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
 def read_split_file(path: Path, root: Path) -> list[Sample]:
-    """Read a split file written by :func:`write_split_file` (blank lines and ``#`` comments skipped)."""
+    """Read a split file: one ``<class_name>/<file>`` path per line, relative to ``root`` (blank lines and
+    ``#`` comments skipped)."""
     path, root = Path(path), _check_root(root)
     if not path.is_file():
         raise DataDirError(f"split file {path} does not exist")
@@ -197,7 +177,7 @@ def read_split_file(path: Path, root: Path) -> list[Sample]:
 
 def load_client_split(
     root: Path,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str],
     test_fraction: float = 0.2,
     seed: int = 0,
     train_list: Path | None = None,
@@ -216,13 +196,12 @@ def load_client_split(
         given = {s.path for s in (train if train is not None else test)}
         rest = [s for s in scan_image_folder(root, class_names).samples if s.path not in given]
         train, test = (train, rest) if train is not None else (rest, test)
-    if class_names is not None:
-        wanted = set(class_names)
-        dropped = sorted({s.class_name for s in train + test} - wanted)
-        if dropped:
-            logger.warning("%s: split files list unknown classes, skipped: %s", root, ", ".join(dropped))
-            train = [s for s in train if s.class_name in wanted]
-            test = [s for s in test if s.class_name in wanted]
+    wanted = set(class_names)
+    dropped = sorted({s.class_name for s in train + test} - wanted)
+    if dropped:
+        logger.warning("%s: split files list unknown classes, skipped: %s", root, ", ".join(dropped))
+        train = [s for s in train if s.class_name in wanted]
+        test = [s for s in test if s.class_name in wanted]
     overlap = {s.path for s in train} & {s.path for s in test}
     if overlap:
         logger.warning("%s: %d image(s) are in both the train and the test split", root, len(overlap))
@@ -240,7 +219,7 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """``(image, label)`` items from ``(path or PIL image, label)`` pairs, decoded as RGB.
+    """``(transform(image), label)`` items from ``(image file, label)`` pairs, decoded as RGB.
 
     With ``skip_unreadable``, an image that cannot be decoded is logged and yields ``None`` instead of
     raising; :func:`collate_readable` drops those from the batch and counts them, so one corrupt file
@@ -249,8 +228,8 @@ class ImageListDataset(Dataset):
 
     def __init__(
         self,
-        items: Sequence[tuple[Path | str | Image.Image, int]],
-        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        items: Sequence[tuple[Path | str, int]],
+        transform: Callable[[Image.Image], torch.Tensor],
         skip_unreadable: bool = False,
     ) -> None:
         self.items = list(items)
@@ -262,7 +241,7 @@ class ImageListDataset(Dataset):
         cls,
         samples: Sequence[Sample],
         class_names: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        transform: Callable[[Image.Image], torch.Tensor],
         skip_unreadable: bool = False,
     ) -> "ImageListDataset":
         """Label each sample by its class's index in ``class_names``."""
@@ -277,17 +256,14 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, i: int):
         source, label = self.items[i]
-        if isinstance(source, Image.Image):
-            image = source.convert("RGB")
-        else:
-            try:
-                image = open_rgb(Path(source))
-            except UNREADABLE as exc:
-                if self.skip_unreadable:
-                    logger.warning("skipping unreadable image %s: %s", source, exc)
-                    return None
-                raise OSError(f"cannot read image {source}: {exc}") from exc  # name the file: PIL does not
-        return (self.transform(image) if self.transform else image), label
+        try:
+            image = open_rgb(Path(source))
+        except UNREADABLE as exc:
+            if self.skip_unreadable:
+                logger.warning("skipping unreadable image %s: %s", source, exc)
+                return None
+            raise OSError(f"cannot read image {source}: {exc}") from exc  # name the file: PIL does not
+        return self.transform(image), label
 
 
 def collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -31,16 +31,6 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
     return sensitivity * float(dp_accounting.get_sigma_gaussian(epsilon, delta))
 
 
-def gaussian_epsilon(sigma: float, delta: float, sensitivity: float) -> float:
-    """Smallest epsilon for which Gaussian noise of std ``sigma`` gives (epsilon, delta)-DP."""
-    check_positive("sigma", sigma)
-    check_delta(delta)
-    check_positive("sensitivity", sensitivity)
-    import dp_accounting
-
-    return float(dp_accounting.get_epsilon_gaussian(sigma / sensitivity, delta))
-
-
 def check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -3,7 +3,7 @@
 Every loader takes a Hugging Face hub id (``"openai/clip-vit-base-patch32"``) or a local directory
 written by ``save_pretrained``. Offline machines work through the hub cache: ``HF_HUB_CACHE`` names the
 cache and ``HF_HUB_OFFLINE=1`` stops any network access. Both variables are read when a loader is
-called (``huggingface_hub`` itself reads them once, at import), and ``cache_dir`` overrides the cache.
+called (``huggingface_hub`` itself reads them once, at import).
 A model that is not there raises :class:`ModelNotFoundError`, which says how to fetch it. Do set
 ``HF_HUB_OFFLINE=1`` on machines without network access: otherwise the hub client asks huggingface.co
 about every file, retrying for minutes, even when the model is cached.
@@ -46,14 +46,11 @@ if TYPE_CHECKING:  # diffusers takes seconds to import: only the server (and a p
 
 log = logging.getLogger(__name__)
 
-CacheDir = str | Path | None
-
-
 class ModelNotFoundError(RuntimeError):
     """A model id is neither a local directory nor in the local hub cache (and cannot be downloaded)."""
 
-    def __init__(self, model_id: str, cache_dir: CacheDir = None, reason: str = "") -> None:
-        cache = cache_dir or os.environ.get("HF_HUB_CACHE") or "the default Hugging Face cache"
+    def __init__(self, model_id: str, reason: str = "") -> None:
+        cache = os.environ.get("HF_HUB_CACHE") or "the default Hugging Face cache"
         where = "HF_HUB_OFFLINE=1" if _offline() else "and the hub could not provide it"
         super().__init__(
             f"model {model_id!r} was not found locally (looked in {cache}; {where}). "
@@ -70,14 +67,14 @@ def _offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_kwargs(cache_dir: CacheDir) -> dict[str, Any]:
+def _hub_kwargs() -> dict[str, Any]:
     """``from_pretrained`` arguments that honour HF_HUB_CACHE / HF_HUB_OFFLINE as they are *now*."""
-    cache = cache_dir or os.environ.get("HF_HUB_CACHE")
+    cache = os.environ.get("HF_HUB_CACHE")
     return {"cache_dir": str(cache) if cache else None, "local_files_only": _offline()}
 
 
 @contextlib.contextmanager
-def _translate_missing(model_id: str, cache_dir: CacheDir) -> Iterator[None]:
+def _translate_missing(model_id: str) -> Iterator[None]:
     """Turn the hub's many "not found / offline" errors (all OSError subclasses) into ModelNotFoundError.
 
     A local directory that fails to load is broken rather than missing: its error passes through.
@@ -86,14 +83,13 @@ def _translate_missing(model_id: str, cache_dir: CacheDir) -> Iterator[None]:
         try:  # a path that does not exist ("./models/blip") is no hub id either: say so, not "bad repo id"
             validate_repo_id(model_id)
         except HFValidationError as exc:
-            raise ModelNotFoundError(model_id, _hub_kwargs(cache_dir)["cache_dir"],
-                                     f"not an existing directory, nor a hub id ({exc})") from exc
+            raise ModelNotFoundError(model_id, f"not an existing directory, nor a hub id ({exc})") from exc
     try:
         yield
     except OSError as exc:
         if Path(model_id).is_dir():
             raise
-        raise ModelNotFoundError(model_id, _hub_kwargs(cache_dir)["cache_dir"], str(exc).splitlines()[0]) from exc
+        raise ModelNotFoundError(model_id, str(exc).splitlines()[0]) from exc
 
 
 class _CLIPTextTower(CLIPTextModelWithProjection):
@@ -117,35 +113,30 @@ CAPTIONERS = {
 }
 
 
-def load_captioner(
-    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
-) -> tuple[BlipProcessor | Blip2Processor, BlipForConditionalGeneration | Blip2ForConditionalGeneration]:
-    """An image captioner and its processor, BLIP or BLIP-2 as the checkpoint's config says."""
-    return load_captioner_processor(model_id, cache_dir), load_captioner_model(model_id, device, dtype, cache_dir)
+def load_captioner_processor(model_id: str) -> BlipProcessor | Blip2Processor:
+    """An image captioner's processor (small files, no weights), BLIP or BLIP-2 as the checkpoint's config says.
 
-
-def load_captioner_processor(model_id: str, cache_dir: CacheDir = None) -> BlipProcessor | Blip2Processor:
-    """The captioner's processor alone (small files, no weights): a client's image decoding starts with it
-    while the model loads (``oscar_client.captioning.caption_files``)."""
-    with _translate_missing(model_id, cache_dir):
-        processor_class, _ = CAPTIONERS[captioner_type(model_id, cache_dir)]
-        return processor_class.from_pretrained(model_id, **_hub_kwargs(cache_dir))
+    Loaded apart from the model: a client's image decoding starts with it while the model loads
+    (``oscar_client.captioning.caption_files``)."""
+    with _translate_missing(model_id):
+        processor_class, _ = CAPTIONERS[captioner_type(model_id)]
+        return processor_class.from_pretrained(model_id, **_hub_kwargs())
 
 
 def load_captioner_model(
-    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+    model_id: str, device: torch.device, dtype: torch.dtype
 ) -> BlipForConditionalGeneration | Blip2ForConditionalGeneration:
-    """The captioner's frozen model on ``device``."""
-    with _translate_missing(model_id, cache_dir):
-        model_type = captioner_type(model_id, cache_dir)
-        model = CAPTIONERS[model_type][1].from_pretrained(model_id, dtype=dtype, **_hub_kwargs(cache_dir))
+    """The captioner's frozen model on ``device``, BLIP or BLIP-2 as the checkpoint's config says."""
+    with _translate_missing(model_id):
+        model_type = captioner_type(model_id)
+        model = CAPTIONERS[model_type][1].from_pretrained(model_id, dtype=dtype, **_hub_kwargs())
     log.info("loaded captioner %s (%s) on %s (%s)", model_id, model_type, device, dtype)
     return _frozen(model, device)
 
 
-def captioner_type(model_id: str, cache_dir: CacheDir = None) -> str:
+def captioner_type(model_id: str) -> str:
     """``"blip"`` or ``"blip-2"``, from the checkpoint's config (no weights are loaded)."""
-    model_type = AutoConfig.from_pretrained(model_id, **_hub_kwargs(cache_dir)).model_type
+    model_type = AutoConfig.from_pretrained(model_id, **_hub_kwargs()).model_type
     if model_type not in CAPTIONERS:
         raise ValueError(f"captioner {model_id!r} is a {model_type!r} checkpoint; supported captioners are "
                          f"{', '.join(repr(t) for t in CAPTIONERS)} checkpoints (e.g. "
@@ -153,7 +144,7 @@ def captioner_type(model_id: str, cache_dir: CacheDir = None) -> str:
     return model_type
 
 
-def checkpoint_revision(model_id: str, cache_dir: CacheDir = None) -> str:
+def checkpoint_revision(model_id: str) -> str:
     """What identifies the files ``model_id`` resolves to now, without loading the model.
 
     A hub id: its snapshot's commit hash (``config.json`` is fetched if absent and the hub is reachable).
@@ -167,18 +158,18 @@ def checkpoint_revision(model_id: str, cache_dir: CacheDir = None) -> str:
             stat = path.stat()
             digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return "dir:" + digest.hexdigest()
-    kwargs = _hub_kwargs(cache_dir)
-    with _translate_missing(model_id, cache_dir):
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
         config_path = hf_hub_download(model_id, "config.json", **kwargs)
     return Path(config_path).parent.name  # <cache>/models--Org--Name/snapshots/<commit>/config.json
 
 
 def load_clip_text_encoder(
-    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+    model_id: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[CLIPTokenizer, CLIPTextModelWithProjection]:
     """The text tower + projection of a CLIP checkpoint (a full CLIPModel repo: the vision tower is skipped)."""
-    kwargs = _hub_kwargs(cache_dir)
-    with _translate_missing(model_id, cache_dir):
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
         tokenizer = CLIPTokenizer.from_pretrained(model_id, **kwargs)
         model = _CLIPTextTower.from_pretrained(model_id, dtype=dtype, **kwargs)
     log.info("loaded CLIP text encoder %s (projection %d) on %s", model_id, model.config.projection_dim, device)
@@ -186,11 +177,11 @@ def load_clip_text_encoder(
 
 
 def load_diffusion_text_encoder(
-    model_id: str, device: torch.device, dtype: torch.dtype, cache_dir: CacheDir = None
+    model_id: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """A Stable Diffusion repo's own text encoder (``tokenizer/`` and ``text_encoder/`` subfolders)."""
-    kwargs = _hub_kwargs(cache_dir)
-    with _translate_missing(model_id, cache_dir):
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
         # CLIPTokenizer, not AutoTokenizer: the latter wants a config.json that tokenizer/ does not have.
         tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
         model = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", dtype=dtype, **kwargs)
@@ -204,7 +195,6 @@ def load_diffusion_pipeline(
     dtype: torch.dtype,
     *,
     scheduler: str,
-    cache_dir: CacheDir = None,
 ) -> "StableDiffusionPipeline":
     """Stable Diffusion text-to-image pipeline without the safety checker.
 
@@ -218,8 +208,8 @@ def load_diffusion_pipeline(
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    kwargs = _hub_kwargs(cache_dir)
-    with _translate_missing(model_id, cache_dir):
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
         # The synthetic images train a classifier; NSFW filtering would only blacken some of them.
         pipe = StableDiffusionPipeline.from_pretrained(
             model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
@@ -253,7 +243,7 @@ def setup_diffusion_pipeline(pipe: "StableDiffusionPipeline", device: torch.devi
     pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not interactive())
 
 
-def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) -> Path:
+def check_diffusion_pipeline_files(model_id: str) -> Path:
     """The pipeline's folder, after checking that every component it lists has its config and weights.
 
     Reads files only (no weights are loaded), so the server can say "missing" before any client works.
@@ -261,13 +251,12 @@ def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) ->
     if Path(model_id).is_dir():
         root = Path(model_id)
     else:
-        with _translate_missing(model_id, cache_dir):
-            kwargs = _hub_kwargs(cache_dir)
-            root = Path(snapshot_download(model_id, cache_dir=kwargs["cache_dir"], local_files_only=True,
+        with _translate_missing(model_id):
+            root = Path(snapshot_download(model_id, cache_dir=_hub_kwargs()["cache_dir"], local_files_only=True,
                                           allow_patterns=["model_index.json"]))
     index = root / "model_index.json"
     if not index.is_file():
-        raise ModelNotFoundError(model_id, cache_dir, f"{index} is missing: not a diffusers pipeline")
+        raise ModelNotFoundError(model_id, f"{index} is missing: not a diffusers pipeline")
     missing = []
     for component, spec in json.loads(index.read_text()).items():
         if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
@@ -278,18 +267,18 @@ def check_diffusion_pipeline_files(model_id: str, cache_dir: CacheDir = None) ->
         if not configs or (component in ("unet", "vae", "text_encoder") and not weights):
             missing.append(component)
     if missing:
-        raise ModelNotFoundError(model_id, cache_dir, f"components without config or weights: {missing}")
+        raise ModelNotFoundError(model_id, f"components without config or weights: {missing}")
     return root
 
 
-def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -> int:
+def text_embedding_dim(scheme: str, model_id: str) -> int:
     """The size of what clients upload per class and position, from the encoder's config alone.
 
     ``pooled``: the CLIP projection dim (512 for ViT-B/32); ``tokens``: the SD text encoder's hidden size.
     The server calls this before contacting any client, so a missing model fails the run at once.
     """
-    kwargs = _hub_kwargs(cache_dir)
-    with _translate_missing(model_id, cache_dir):
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
         if scheme == "pooled":
             return int(CLIPConfig.from_pretrained(model_id, **kwargs).projection_dim)
         return int(CLIPTextConfig.from_pretrained(model_id, subfolder="text_encoder", **kwargs).hidden_size)
@@ -298,7 +287,7 @@ def text_embedding_dim(scheme: str, model_id: str, cache_dir: CacheDir = None) -
 STAND_IN_MARKER = "OSCAR_STAND_IN.txt"  # written next to the tiny demo/test models (oscar_demo.tiny)
 
 
-def stand_in_note(model_id: str, cache_dir: CacheDir = None) -> str | None:
+def stand_in_note(model_id: str) -> str | None:
     """The marker text when ``model_id`` resolves to a tiny random-weight stand-in, else None."""
     local = Path(model_id) / STAND_IN_MARKER
     if local.is_file():
@@ -309,5 +298,5 @@ def stand_in_note(model_id: str, cache_dir: CacheDir = None) -> str | None:
         validate_repo_id(model_id)
     except HFValidationError:
         return None
-    cached = try_to_load_from_cache(model_id, STAND_IN_MARKER, cache_dir=_hub_kwargs(cache_dir)["cache_dir"])
+    cached = try_to_load_from_cache(model_id, STAND_IN_MARKER, cache_dir=_hub_kwargs()["cache_dir"])
     return Path(cached).read_text().strip() if isinstance(cached, str) else None

@@ -13,9 +13,17 @@ Both return float32 tensors on the CPU, whatever the model's device and dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # annotations only: the callers load the models, and importing them here costs seconds
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+# CLIP's context length: every SD 1.x / 2.x text encoder's positions, so the rows of a ``tokens`` embedding.
+# The encoders below read it from the model or tokenizer they are given; this names it where none is at hand.
+CLIP_CONTEXT_LENGTH = 77
 
 
 @torch.inference_mode()

@@ -55,6 +55,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from oscar_common.models import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ CLIP_ID = "openai/clip-vit-base-patch32"
 DIFFUSION_ID = "CompVis/stable-diffusion-v1-4"
 
 STAND_IN_TEXT = "tiny random-weight stand-in built by oscar_demo.tiny (outputs are noise; accuracy is at chance)"
-CLIP_MAX_LENGTH = 77
 CLIP_PROJECTION_DIM = 512  # openai/clip-vit-base-patch32's, so pooled payloads are K x 512
 TEXT_HIDDEN = 32  # hidden size of every tiny text tower (and the UNet's cross-attention dim)
 BLIP_IMAGE_SIZE = 32
@@ -123,7 +123,7 @@ def clip_tokenizer() -> CLIPTokenizer:
     vocab_list = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(vocab_list)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT_LENGTH)
 
 
 def _clip_text_config(tokenizer: CLIPTokenizer) -> dict:
@@ -133,7 +133,7 @@ def _clip_text_config(tokenizer: CLIPTokenizer) -> dict:
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=CLIP_CONTEXT_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -120,9 +120,10 @@ def wait_for_superlink(host: str, port: int, root_certificates: Path | None, tim
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def superlink_command(certs_dir: Path | None, host: str = "0.0.0.0", port: int = SUPERLINK_PORT,
-                      auth: bool = True, database: Path | None = None, isolation: str = "subprocess") -> list[str]:
-    """``flower-superlink`` with TLS from ``certs_dir`` (``None``: insecure) and node authentication.
+def superlink_command(certs_dir: Path | None, host: str, port: int, *, auth: bool, database: Path,
+                      isolation: str) -> list[str]:
+    """``flower-superlink`` with TLS from ``certs_dir`` (``None``: insecure), node authentication when ``auth``,
+    its state in ``database``.
 
     ``isolation="process"``: the ServerApp runs in a separate ``flower-superexec``
     (its own container in docker/compose.yml) instead of a child process."""
@@ -137,9 +138,7 @@ def superlink_command(certs_dir: Path | None, host: str = "0.0.0.0", port: int =
                     "--ssl-keyfile", str(check_private_key(certs_dir / certs.SERVER_KEY, openssh=False))]
     if auth:
         command.append("--enable-supernode-auth")
-    if database is not None:
-        command += ["--database", str(database)]
-    return command
+    return command + ["--database", str(database)]
 
 
 def supernode_command(superlink: str, root_certificates: Path | None, private_key: Path | None,

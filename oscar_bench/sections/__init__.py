@@ -22,7 +22,7 @@ class Section:
 
 SECTIONS: dict[str, Section] = {
     "peak": Section(peak.run, peak.COLUMNS, expected_seconds={"full": 10}),
-    # full: ~60-90 s of it is torch.compile of the UNet and VAE decoder (DESIGN.md's H200 figures)
+    # full: ~60-90 s of it is torch.compile of the UNet and VAE decoder (measured on one H200)
     "synthesis": Section(synthesis.run, synthesis.COLUMNS, synthesis.RATIOS, {"full": 240, "smoke": 60}),
     "training": Section(training.run, training.COLUMNS, training.RATIOS, {"full": 60}),
     "inversion": Section(inversion.run, inversion.COLUMNS, inversion.RATIOS, {"full": 30}),

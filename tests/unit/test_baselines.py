@@ -16,7 +16,7 @@ from oscar_baselines.compare import compare, fedcado_upload_bytes, main as compa
 from oscar_common.conditioning import conditioning_sentence
 from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
-from oscar_common.classifier import build_classifier, load_classifier
+from oscar_common.classifier import build_classifier, classifier_from_bytes
 from oscar_common.data import load_client_split
 from oscar_common.settings import coerce, declared_settings
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
@@ -83,7 +83,7 @@ def test_centralized_on_demo_clients(tmp_path: Path, demo_clients: dict[str, Pat
         assert client["num_train"] == len(train) and client["num_test"] == len(test)
         assert 0.0 <= client["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "report.json").read_text()) == report
-    load_classifier(tmp_path / "model.safetensors", len(DIGIT_NAMES), DIGIT_NAMES)
+    classifier_from_bytes((tmp_path / "model.safetensors").read_bytes(), len(DIGIT_NAMES), DIGIT_NAMES)
 
 
 def test_centralized_skips_unreadable_images_on_both_sides(tmp_path: Path, demo_clients: dict[str, Path]) -> None:

@@ -215,7 +215,7 @@ def test_the_import_closure_has_no_flower():
 
 
 def test_full_size_stable_diffusion_costs_82_8_tflop_per_image():
-    """DESIGN.md's count for SD-1.4 at 512x512, 50 steps with CFG; counted here without any memory."""
+    """SD-1.4 at 512x512, 50 steps with CFG (docs/performance.md); counted here without any memory."""
     meta = torch.device("meta")
     parts = build_diffusion(meta, tiny=False)
     flops = count_flops(parts, resolution=512, device=meta)

@@ -16,7 +16,7 @@ from oscar_client.captioning import Captioner, captioner_prompt
 from oscar_client.encoder import encode_client
 from oscar_common.config import OscarConfig
 from oscar_common.data import Sample
-from oscar_common.models import load_captioner
+from oscar_common.models import load_captioner_model, load_captioner_processor
 from oscar_common.wire import TrainInstruction
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, install_tiny_blip2
 
@@ -25,9 +25,11 @@ OFFICIAL = "a photo of"  # LAVIS configs/models/blip2/blip2_caption_flant5xl.yam
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline():
-    # Without it the hub client asks huggingface.co about every optional file, retrying for minutes.
+def offline_hub(tiny_hub: Path):
+    """The tiny models, reached the way a client reaches real ones: HF_HUB_CACHE, and HF_HUB_OFFLINE=1
+    (without it the hub client asks huggingface.co about every optional file, retrying for minutes)."""
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(tiny_hub))
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield
 
@@ -35,7 +37,7 @@ def offline():
 @pytest.fixture(scope="module")
 def blip2(tiny_hub: Path):
     install_tiny_blip2(tiny_hub)
-    return load_captioner(BLIP2_ID, CPU, F32, cache_dir=tiny_hub)
+    return load_captioner_processor(BLIP2_ID), load_captioner_model(BLIP2_ID, CPU, F32)
 
 
 def _pixels(processor, colours=("red", "navy", "white")) -> torch.Tensor:
@@ -51,7 +53,7 @@ def test_the_default_prompt_is_the_official_one_and_reaches_the_client() -> None
     assert TrainInstruction.from_record(cfg.replace(blip2_prompt="").train_instruction().to_record()).blip2_prompt == ""
 
 
-def test_blip2_continues_the_prompt_and_blip_takes_none(blip2, tiny_hub: Path) -> None:
+def test_blip2_continues_the_prompt_and_blip_takes_none(blip2) -> None:
     processor, model = blip2
     captioner = Captioner(processor, model, prompt=OFFICIAL)
     # the language model's input: 4 <image> placeholders, then "a photo of</s>" as T5 tokenizes it (as LAVIS)
@@ -61,10 +63,10 @@ def test_blip2_continues_the_prompt_and_blip_takes_none(blip2, tiny_hub: Path) -
     with_prompt, without = captioner.generate(pixels, max_new_tokens=6), Captioner(processor, model).generate(
         pixels, max_new_tokens=6)
     assert with_prompt != without  # the prompt conditions the captions
-    assert captioner_prompt(BLIP2_ID, OFFICIAL, tiny_hub) == OFFICIAL
-    assert captioner_prompt(CAPTIONER_ID, OFFICIAL, tiny_hub) == ""  # BLIP captions unconditionally, as the paper
+    assert captioner_prompt(BLIP2_ID, OFFICIAL) == OFFICIAL
+    assert captioner_prompt(CAPTIONER_ID, OFFICIAL) == ""  # BLIP captions unconditionally, as the paper
     with pytest.raises(ValueError, match="blip2-prompt applies to BLIP-2 captioners only"):
-        Captioner(*load_captioner(CAPTIONER_ID, CPU, F32, cache_dir=tiny_hub), prompt=OFFICIAL)
+        Captioner(load_captioner_processor(CAPTIONER_ID), load_captioner_model(CAPTIONER_ID, CPU, F32), prompt=OFFICIAL)
 
 
 def test_a_decoder_only_blip2_caption_leaves_the_prompt_out(blip2) -> None:
@@ -97,7 +99,7 @@ def test_the_prompt_keys_the_caption_cache(tiny_hub: Path, tmp_path: Path) -> No
     def encode(prompt: str, cache: CaptionCache):
         return encode_client(samples, ["cat"], scheme="pooled", captioner_id=BLIP2_ID, encoder_id=CLIP_ID, device=CPU,
                              dtype=F32, batch_size=3, max_new_tokens=6, num_workers=0, cache=cache,
-                             blip2_prompt=prompt, cache_dir=tiny_hub)
+                             blip2_prompt=prompt)
 
     with CaptionCache.open(tmp_path / "out") as cache:
         first = encode(OFFICIAL, cache)

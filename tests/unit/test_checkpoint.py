@@ -64,16 +64,17 @@ def test_foreign_file_is_not_taken_for_a_checkpoint(dataset, tmp_path: Path) -> 
 
 
 def test_best_weights_are_stored_only_when_they_are_not_the_model(tmp_path: Path) -> None:
-    from oscar_common.checkpoint import TrainingProgress, save_checkpoint
+    from oscar_common.checkpoint import TrainingProgress, snapshot_checkpoint, write_checkpoint
 
     model = build_classifier(3, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     best = {k: torch.full_like(v, 7) for k, v in model.state_dict().items()}
     for best_epoch, expected in ((2, best), (3, model.state_dict())):
         path = tmp_path / f"best-{best_epoch}.safetensors"
-        save_checkpoint(path, model, optimizer, TrainingProgress(epoch=3, losses=[1.0, 0.5, 0.7],
-                        accuracies=[0.1, 0.9, 0.9 if best_epoch == 3 else 0.8], best_epoch=best_epoch,
-                        best_state=best if best_epoch == 2 else {}))
+        saved = TrainingProgress(epoch=3, losses=[1.0, 0.5, 0.7],
+                                 accuracies=[0.1, 0.9, 0.9 if best_epoch == 3 else 0.8], best_epoch=best_epoch,
+                                 best_state=best if best_epoch == 2 else {})
+        write_checkpoint(path, snapshot_checkpoint(model, optimizer, saved))
         progress = load_checkpoint(path, build_classifier(3), torch.optim.SGD(build_classifier(3).parameters(), lr=1))
         assert progress.best_epoch == best_epoch and progress.best_accuracy == 0.9
         assert all(torch.equal(progress.best_state[k], v) for k, v in expected.items())

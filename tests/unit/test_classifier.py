@@ -20,10 +20,8 @@ from oscar_common.classifier import (
     classifier_to_bytes,
     eval_transform,
     evaluate_classifier,
-    load_classifier,
     save_classifier,
 )
-from oscar_common.data import ImageListDataset
 from oscar_common.image_cache import decode_images
 from oscar_common.recipes import resolve_recipe
 from oscar_common.training import train_classifier
@@ -48,6 +46,12 @@ def _blob(model, **kwargs) -> bytes:
     return classifier_to_bytes(model, {"run": "test"}, **kwargs)
 
 
+def _eval_set(items, side) -> list[tuple[torch.Tensor, int]]:
+    """In-memory images as evaluate_classifier sees a client's test files: transformed for evaluation."""
+    transform = eval_transform(side, "official")
+    return [(transform(image.convert("RGB")), label) for image, label in items]
+
+
 def _cache(items, side):
     return decode_images([image for image, _ in items], [label for _, label in items], side=side, device="cpu",
                          num_workers=0)
@@ -59,8 +63,7 @@ def test_trainer_learns_held_out_digits(digits):
     recipe = resolve_recipe("official", epochs=6, lr=0.003, batch_size=16)  # no augmentation
     stats = train_classifier(model, _cache(train, 32), recipe=recipe, image_size=32, seed=0, device="cpu",
                              precision="auto")
-    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
-                                 batch_size=64, device="cpu")
+    result = evaluate_classifier(model, _eval_set(test, 32), 3, batch_size=64, device="cpu")
     assert stats.epochs == 6 and stats.epochs_run == 6 and len(stats.losses) == 6 and stats.seconds > 0
     assert stats.images == 120 and stats.precision == "fp32" and stats.lrs == [0.003] * 6
     assert stats.losses[-1] < stats.losses[0]
@@ -109,13 +112,14 @@ def test_evaluate_reports_per_class_accuracy_for_present_classes_only():
 def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
     model = build_classifier(5, seed=3).eval()
     x = torch.randn(2, 3, 32, 32)
-    blob = _blob(model, class_names=list("abcde"))
-    restored = classifier_from_bytes(blob, 5, expected_class_names=list("abcde")).eval()
+    names = list("abcde")
+    restored = classifier_from_bytes(_blob(model, class_names=names), 5, expected_class_names=names).eval()
     with torch.no_grad():
         assert torch.equal(model(x), restored(x))
-    save_classifier(model, tmp_path / "w" / "model.safetensors", {"run": "test"})
+    save_classifier(model, tmp_path / "w" / "model.safetensors", {"run": "test"}, class_names=names)
     with torch.no_grad():
-        assert torch.equal(model(x), load_classifier(tmp_path / "w" / "model.safetensors", 5).eval()(x))
+        written = classifier_from_bytes((tmp_path / "w" / "model.safetensors").read_bytes(), 5, names).eval()
+        assert torch.equal(model(x), written(x))
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]  # no temp files left
 
 
@@ -123,12 +127,12 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
                                      (2**40).to_bytes(8, "little") + b"{}"])
 def test_rejects_garbage(garbage):
     with pytest.raises(ClassifierFormatError, match="not a safetensors file"):
-        classifier_from_bytes(garbage, 3)
+        classifier_from_bytes(garbage, 3, list("abc"))
 
 
 def test_rejects_wrong_num_classes():
     with pytest.raises(ClassifierFormatError, match="4 classes.*expected 3"):
-        classifier_from_bytes(_blob(build_classifier(4)), 3)
+        classifier_from_bytes(_blob(build_classifier(4), class_names=list("abcd")), 3, list("abc"))
 
 
 def test_rejects_wrong_class_names():
@@ -147,28 +151,28 @@ def _tampered(state_change, metadata_change=None) -> bytes:
 def test_rejects_missing_key():
     blob = _tampered(lambda s: s.pop("layer2.0.conv1.weight"))
     with pytest.raises(ClassifierFormatError, match=r"missing tensors \['layer2.0.conv1.weight'\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_extra_key():
     blob = _tampered(lambda s: s.update(backdoor=torch.zeros(1)))
     with pytest.raises(ClassifierFormatError, match=r"unexpected tensors \['backdoor'\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_wrong_shape():
     blob = _tampered(lambda s: s.update({"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}))
     with pytest.raises(ClassifierFormatError, match=r"wrong shapes layer1.0.conv1.weight \[64, 64, 1, 1\]"):
-        classifier_from_bytes(blob, 3)
+        classifier_from_bytes(blob, 3, list("abc"))
 
 
 def test_rejects_wrong_architecture_metadata():
     with pytest.raises(ClassifierFormatError, match="architecture metadata is 'resnet50'"):
-        classifier_from_bytes(_tampered(lambda s: None, {"architecture": "resnet50"}), 3)
+        classifier_from_bytes(_tampered(lambda s: None, {"architecture": "resnet50"}), 3, list("abc"))
     state = {k: v.contiguous() for k, v in build_classifier(3).state_dict().items()}
     no_metadata = safetensors.torch.save(state)
     with pytest.raises(ClassifierFormatError, match="architecture metadata is None"):
-        classifier_from_bytes(no_metadata, 3)
+        classifier_from_bytes(no_metadata, 3, list("abc"))
 
 
 def test_metadata_carries_architecture_classes_and_caller_keys(tmp_path):
@@ -216,6 +220,5 @@ def test_bf16_training_runs_under_autocast_and_learns(digits):
     assert stats.precision == "bf16" and set(seen) == {torch.bfloat16}
     assert np.isfinite(stats.losses).all() and stats.losses[-1] < stats.losses[0]
     assert next(model.parameters()).dtype == torch.float32
-    result = evaluate_classifier(model, ImageListDataset(test, eval_transform(32, "official")), 3,
-                                 batch_size=64, device="cpu")
+    result = evaluate_classifier(model, _eval_set(test, 32), 3, batch_size=64, device="cpu")
     assert result.accuracy >= 0.8, result

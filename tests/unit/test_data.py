@@ -20,7 +20,6 @@ from oscar_common.data import (
     read_split_file,
     scan_image_folder,
     stratified_split,
-    write_split_file,
 )
 from oscar_demo.demo_data import (
     CLIENTS, DIGIT_NAMES, MARKER, digit_assignment, main, make_demo_data, make_digit_tree,
@@ -34,10 +33,13 @@ def _write_images(root: Path, counts: dict[str, int]) -> None:
             Image.new("RGB", (8, 8), (i * 10 % 256, 0, 0)).save(root / class_name / f"img{i:03d}.png")
 
 
+CLIENT_CLASSES = ["cat", "dog", "owl", "yak"]
+
+
 @pytest.fixture
 def client_dir(tmp_path: Path) -> Path:
     root = tmp_path / "client"
-    _write_images(root, {"cat": 10, "dog": 5, "owl": 2, "yak": 1})
+    _write_images(root, dict(zip(CLIENT_CLASSES, [10, 5, 2, 1])))
     return root
 
 
@@ -48,7 +50,7 @@ def test_scan_sorts_and_ignores_hidden_and_non_images(client_dir):
     Image.new("RGB", (4, 4)).save(client_dir / ".cache" / "a.png")
     (client_dir / "dog" / "nested").mkdir()
     Image.new("L", (4, 4)).save(client_dir / "dog" / "nested" / "b.JPG")
-    result = scan_image_folder(client_dir)
+    result = scan_image_folder(client_dir, CLIENT_CLASSES)
     assert result.counts() == {"cat": 10, "dog": 6, "owl": 2, "yak": 1}
     assert result.unknown_classes == []
     keys = [(s.class_name, s.path.relative_to(client_dir).as_posix()) for s in result.samples]
@@ -81,30 +83,30 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     Image.new("RGB", (4, 4), "red").save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG not really")
-    dataset = ImageListDataset([(good, 0), (bad, 1), (good, 2)], transform=lambda im: torch.zeros(1),
-                               skip_unreadable=True)
+    blank = lambda image: torch.zeros(1)  # noqa: E731
+    dataset = ImageListDataset([(good, 0), (bad, 1), (good, 2)], transform=blank, skip_unreadable=True)
     batches = list(DataLoader(dataset, batch_size=3, collate_fn=collate_readable))
     inputs, labels, skipped = batches[0]
     assert labels.tolist() == [0, 2] and skipped == 1
     with pytest.raises(OSError, match="cannot read image .*bad.png"):
-        ImageListDataset([(bad, 1)])[0]
+        ImageListDataset([(bad, 1)], transform=blank)[0]
 
 
 def test_missing_or_empty_dirs_raise_clear_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(DataDirError, match=f"{missing}.*does not exist.*<class_name>"):
-        scan_image_folder(missing)
+        scan_image_folder(missing, CLIENT_CLASSES)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataDirError, match="no class folders"):
-        scan_image_folder(tmp_path / "empty")
+        scan_image_folder(tmp_path / "empty", CLIENT_CLASSES)
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     (tmp_path / "noimg" / "cat" / "readme.txt").write_text("x")
     with pytest.raises(DataDirError, match="no image files"):
-        scan_image_folder(tmp_path / "noimg")
+        scan_image_folder(tmp_path / "noimg", CLIENT_CLASSES)
 
 
 def test_stratified_split_is_deterministic_and_stratified(client_dir):
-    samples = scan_image_folder(client_dir).samples
+    samples = scan_image_folder(client_dir, CLIENT_CLASSES).samples
     train, test = stratified_split(samples, test_fraction=0.2, seed=3)
     shuffled = samples[:]
     random.Random(0).shuffle(shuffled)
@@ -123,20 +125,24 @@ def test_stratified_split_is_deterministic_and_stratified(client_dir):
         stratified_split(samples, test_fraction=1.0)
 
 
+def _write_split_file(path: Path, samples: list, root: Path) -> None:
+    """A split file as a user writes one: a ``<class_name>/<file>`` path per line, relative to ``root``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# one image per line\n" + "".join(f"{s.path.relative_to(root).as_posix()}\n" for s in samples))
+
+
 def test_split_files_round_trip(client_dir, tmp_path):
-    train, test = stratified_split(scan_image_folder(client_dir).samples, 0.3, seed=1)
-    write_split_file(tmp_path / "splits" / "train.txt", train, client_dir)
-    write_split_file(tmp_path / "splits" / "test.txt", test, client_dir)
-    lines = (tmp_path / "splits" / "train.txt").read_text().splitlines()
-    assert lines[0] == train[0].path.relative_to(client_dir).as_posix()
+    train, test = stratified_split(scan_image_folder(client_dir, CLIENT_CLASSES).samples, 0.3, seed=1)
+    _write_split_file(tmp_path / "splits" / "train.txt", train, client_dir)
+    _write_split_file(tmp_path / "splits" / "test.txt", test, client_dir)
     assert read_split_file(tmp_path / "splits" / "train.txt", client_dir) == train
-    assert load_client_split(client_dir, train_list=tmp_path / "splits" / "train.txt",
+    assert load_client_split(client_dir, CLIENT_CLASSES, train_list=tmp_path / "splits" / "train.txt",
                              test_list=tmp_path / "splits" / "test.txt") == (train, test)
     # With only the test list, train is everything else.
-    only_test = load_client_split(client_dir, test_list=tmp_path / "splits" / "test.txt")
+    only_test = load_client_split(client_dir, CLIENT_CLASSES, test_list=tmp_path / "splits" / "test.txt")
     assert only_test == (train, test)
     # Without split files, the stratified split with the same seed.
-    assert load_client_split(client_dir, test_fraction=0.3, seed=1) == (train, test)
+    assert load_client_split(client_dir, CLIENT_CLASSES, test_fraction=0.3, seed=1) == (train, test)
 
 
 def test_split_file_errors_name_the_problem(client_dir, tmp_path):
@@ -175,10 +181,8 @@ def test_image_list_dataset_labels_and_transforms(client_dir):
     assert len(dataset) == 4
     assert [dataset[i][1] for i in range(4)] == [1, 1, 1, 0]
     assert all(dataset[i][0].tolist() == [8, 8, 3] for i in range(4))  # RGB, whatever the file mode
-    in_memory = ImageListDataset([(Image.new("L", (5, 5)), 2)])
-    assert in_memory[0][0].mode == "RGB" and in_memory[0][1] == 2
     with pytest.raises(DataDirError, match="owl"):
-        ImageListDataset.from_samples(samples, ["yak"])
+        ImageListDataset.from_samples(samples, ["yak"], transform=describe)
 
 
 # ------------------------------------------------------------------------------------ demo data

@@ -86,7 +86,8 @@ def test_supernode_detects_a_certificate_for_another_address(tmp_path: Path) -> 
 def test_superlink_without_tls_material_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(launch.LaunchError, match="server certificate '.*server.crt' does not exist"):
         certs.make_ca(tmp_path)
-        launch.superlink_command(tmp_path)
+        launch.superlink_command(tmp_path, "0.0.0.0", launch.SUPERLINK_PORT, auth=True,
+                                 database=tmp_path / "superlink.db", isolation="subprocess")
 
 
 def _reserve(host: str, port: int, times: int) -> list[int]:

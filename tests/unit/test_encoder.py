@@ -18,10 +18,16 @@ from oscar_client import captioning
 from oscar_client import encoder as encoder_module
 from oscar_client.caption_cache import FILE_NAME, CaptionCache
 from oscar_client.captioning import CaptionInputs, Captioner
-from oscar_client.encoder import ClassAccumulator, EncodedClient, class_means, encode_client
+from oscar_client.class_accumulator import ClassAccumulator
+from oscar_client.encoder import EncodedClient, encode_client
 from oscar_common.data import Sample, scan_image_folder
-from oscar_common.models import load_clip_text_encoder, load_diffusion_text_encoder
-from oscar_common.text_encoding import encode_pooled, encode_tokens
+from oscar_common.models import (
+    load_captioner_model,
+    load_captioner_processor,
+    load_clip_text_encoder,
+    load_diffusion_text_encoder,
+)
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN, install_tiny_blip2
 
 CPU = torch.device("cpu")
@@ -33,6 +39,13 @@ CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without it the hub client asks huggingface.co about every optional file, retrying for minutes.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def offline_hub(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny models, reached the way a client reaches real ones: through HF_HUB_CACHE."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
+    return tiny_hub
 
 
 @pytest.fixture(autouse=True)
@@ -59,41 +72,46 @@ def _digit_folder(root: Path, per_class: dict[int, int]) -> list[Sample]:
         (root / CLASSES[digit]).mkdir(parents=True, exist_ok=True)
         for k, i in enumerate(np.flatnonzero(y == digit)[:n]):
             Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(root / CLASSES[digit] / f"{k:03d}.png")
-    return scan_image_folder(root).samples
+    return scan_image_folder(root, CLASSES).samples
 
 
-def _encode(samples, *, cache_dir: Path, cache=None, scheme="pooled", encoder_id=CLIP_ID, batch_size=4,
+def _encode(samples, *, cache=None, scheme="pooled", encoder_id=CLIP_ID, batch_size=4,
             num_workers=0, keep_embeddings=False) -> EncodedClient:
     return encode_client(samples, CLASSES, scheme=scheme, captioner_id=CAPTIONER_ID, encoder_id=encoder_id,
                          device=CPU, dtype=F32, batch_size=batch_size, max_new_tokens=6, num_workers=num_workers,
-                         cache=cache, keep_embeddings=keep_embeddings, cache_dir=cache_dir)
+                         cache=cache, keep_embeddings=keep_embeddings)
 
 
 # ---------------------------------------------------------------------- per-class sums and means
+def _encoded(sums: ClassAccumulator) -> EncodedClient:
+    """What encode_client returns for these sums (the caption fields are not what these tests check)."""
+    return EncodedClient(class_ids=sums.class_ids, counts=sums.counts, sums=sums.sums(), captions=[], paths=[],
+                         labels=np.zeros(0, dtype=np.int64), unreadable=[], captioned=0, cached=0)
+
+
 def test_class_means_by_hand() -> None:
     embeddings = np.array([[1, 0], [3, 2], [0, 0], [5, 5], [1, 1], [2, 4]], dtype=np.float32)
-    labels = np.array([7, 7, 2, 9, 2, 7])
-    ids, counts, means = class_means(embeddings, labels)
-    assert ids.tolist() == [2, 7, 9] and ids.dtype == np.int64  # sorted by id
-    assert counts.tolist() == [2, 3, 1] and counts.dtype == np.int64
-    np.testing.assert_allclose(means, [[0.5, 0.5], [2, 2], [5, 5]])
-    assert means.dtype == np.float32
-
-    ids, counts, means = class_means(embeddings, labels, min_count=2)  # class 9 has one sample
-    assert ids.tolist() == [2, 7] and counts.tolist() == [2, 3]
-    np.testing.assert_allclose(means, [[0.5, 0.5], [2, 2]])
+    sums = ClassAccumulator()
+    sums.add(embeddings, np.array([7, 7, 2, 9, 2, 7]))
+    encoded = _encoded(sums)
+    assert encoded.class_ids.tolist() == [2, 7, 9] and encoded.class_ids.dtype == np.int64  # sorted by id
+    assert encoded.counts.tolist() == [2, 3, 1] and encoded.counts.dtype == np.int64
+    np.testing.assert_allclose(encoded.means, [[0.5, 0.5], [2, 2], [5, 5]])
+    assert encoded.means.dtype == np.float32
 
     tokens = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)  # [N, 77, H]-like means keep their shape
-    _, _, token_means = class_means(tokens, np.array([1, 0, 1, 1]))
-    np.testing.assert_allclose(token_means, [tokens[1], tokens[[0, 2, 3]].mean(0)])
+    token_sums = ClassAccumulator()
+    token_sums.add(tokens, np.array([1, 0, 1, 1]))
+    np.testing.assert_allclose(_encoded(token_sums).means, [tokens[1], tokens[[0, 2, 3]].mean(0)])
 
 
-def test_class_means_does_not_renormalise() -> None:
-    _, _, means = class_means(np.array([[1, 0], [0, 1]], dtype=np.float32), np.array([0, 0]))
-    np.testing.assert_allclose(means[0], [0.5, 0.5])  # norm 0.707: the plain average, as in the paper
+def test_class_means_are_not_renormalised() -> None:
+    sums = ClassAccumulator()
+    sums.add(np.array([[1, 0], [0, 1]], dtype=np.float32), np.array([0, 0]))
+    np.testing.assert_allclose(_encoded(sums).means[0], [0.5, 0.5])  # norm 0.707: the plain average, as in the paper
 
 
-def test_accumulator_in_batches_and_its_transform_seam() -> None:
+def test_accumulator_in_batches() -> None:
     rows = np.array([[3, 4], [1, 0], [0, 2], [6, 8], [0, 1]], dtype=np.float32)
     labels = np.array([1, 0, 1, 1, 0])
     streamed = ClassAccumulator(keep_embeddings=True)
@@ -102,26 +120,17 @@ def test_accumulator_in_batches_and_its_transform_seam() -> None:
     assert streamed.class_ids.tolist() == [0, 1] and streamed.counts.tolist() == [2, 3]
     assert streamed.sums().dtype == np.float64
     np.testing.assert_array_equal(streamed.sums(), [[1, 1], [9, 14]])
-    np.testing.assert_allclose(streamed.means()[2], [[0.5, 0.5], [3, 14 / 3]])
+    np.testing.assert_allclose(_encoded(streamed).means, [[0.5, 0.5], [3, 14 / 3]])
     kept, kept_labels = streamed.embeddings()
     np.testing.assert_array_equal(kept, rows)
     np.testing.assert_array_equal(kept_labels, labels)
-
-    def clip_to_unit_norm(batch: np.ndarray) -> np.ndarray:  # what differential privacy will plug in
-        norms = np.linalg.norm(batch, axis=1, keepdims=True)
-        return batch / np.maximum(norms, 1.0)
-
-    clipped = ClassAccumulator(transform=clip_to_unit_norm)
-    clipped.add(rows, labels)
-    # [3,4] -> [.6,.8]; [0,2] -> [0,1]; [6,8] -> [.6,.8]; rows of norm <= 1 unchanged
-    np.testing.assert_allclose(clipped.sums(), [[1, 1], [1.2, 2.6]], rtol=1e-6)
     with pytest.raises(ValueError, match="labels"):
-        clipped.add(rows, labels[:2])
+        streamed.add(rows, labels[:2])
 
 
 # ---------------------------------------------------------------------- text encoders
-def test_encode_pooled(tiny_hub: Path) -> None:
-    tokenizer, model = load_clip_text_encoder(CLIP_ID, CPU, F32, cache_dir=tiny_hub)
+def test_encode_pooled(offline_hub: Path) -> None:
+    tokenizer, model = load_clip_text_encoder(CLIP_ID, CPU, F32)
     texts = ["a photo of a cat", "a handwritten digit seven", "a photo of a cat", "word " * 200]
     embeds = encode_pooled(texts, tokenizer, model, batch_size=3)  # batching across a chunk boundary
     assert embeds.shape == (4, 512) and embeds.dtype == torch.float32
@@ -131,78 +140,79 @@ def test_encode_pooled(tiny_hub: Path) -> None:
     assert encode_pooled([], tokenizer, model).shape == (0, 512)
 
 
-def test_encode_tokens_matches_the_pipeline(tiny_hub: Path) -> None:
-    tokenizer, text_encoder = load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32, cache_dir=tiny_hub)
+def test_encode_tokens_matches_the_pipeline(offline_hub: Path) -> None:
+    tokenizer, text_encoder = load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32)
     hidden = encode_tokens(["a cat", "a dog on a red sofa", ""], tokenizer, text_encoder, batch_size=2)
-    assert hidden.shape == (3, 77, TEXT_HIDDEN)
+    assert hidden.shape == (3, CLIP_CONTEXT_LENGTH, TEXT_HIDDEN)
     # what StableDiffusionPipeline.encode_prompt feeds the UNet for the same prompt
-    ids = tokenizer("a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer("a cat", padding="max_length", max_length=CLIP_CONTEXT_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(hidden[0], text_encoder(ids)[0][0])
 
 
 # ---------------------------------------------------------------------- image files -> means
 @pytest.mark.parametrize("scheme, encoder_id, shape", [("pooled", CLIP_ID, (512,)),
-                                                       ("tokens", DIFFUSION_ID, (77, TEXT_HIDDEN))])
-def test_encode_client(tiny_hub: Path, tmp_path: Path, scheme: str, encoder_id: str, shape: tuple[int, ...]) -> None:
+                                                       ("tokens", DIFFUSION_ID, (CLIP_CONTEXT_LENGTH, TEXT_HIDDEN))])
+def test_encode_client(offline_hub: Path, tmp_path: Path, scheme: str, encoder_id: str,
+                       shape: tuple[int, ...]) -> None:
     samples = _digit_folder(tmp_path, {3: 3, 1: 2, 8: 1})
     truncated = tmp_path / "three" / "truncated.png"
     truncated.write_bytes((tmp_path / "three" / "000.png").read_bytes()[:60])
     (tmp_path / "one" / "notes.png").write_text("not an image")
-    samples = scan_image_folder(tmp_path).samples
-    encoded = _encode(samples, scheme=scheme, encoder_id=encoder_id, cache_dir=tiny_hub, keep_embeddings=True)
+    samples = scan_image_folder(tmp_path, CLASSES).samples
+    encoded = _encode(samples, scheme=scheme, encoder_id=encoder_id, keep_embeddings=True)
     assert isinstance(encoded, EncodedClient)
     assert encoded.class_ids.tolist() == [1, 3, 8] and encoded.counts.tolist() == [2, 3, 1]
     assert sorted(s.path.name for s in encoded.unreadable) == ["notes.png", "truncated.png"]
     assert encoded.captioned == 6 and encoded.cached == 0
     assert encoded.sums.shape == (3, *shape) and encoded.sums.dtype == np.float64
     assert encoded.means.shape == (3, *shape) and encoded.means.dtype == np.float32
-    ids, counts, means = encoded.class_means(min_count=2)  # digit 8 has one image
-    assert ids.tolist() == [1, 3] and counts.tolist() == [2, 3] and means.shape == (2, *shape)
     assert encoded.labels.tolist() == [8, 1, 1, 3, 3, 3]  # one per readable image, in input order
     assert [p.parent.name for p in encoded.paths] == ["eight", "one", "one", "three", "three", "three"]
     assert all(encoded.captions) and len(set(encoded.captions)) > 1
     assert encoded.embeddings.shape == (6, *shape)
     # the means are the per-class averages of the captions' embeddings
     if scheme == "pooled":
-        rows = encode_pooled(encoded.captions, *load_clip_text_encoder(CLIP_ID, CPU, F32, cache_dir=tiny_hub))
+        rows = encode_pooled(encoded.captions, *load_clip_text_encoder(CLIP_ID, CPU, F32))
     else:
         rows = encode_tokens(encoded.captions,
-                             *load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32, cache_dir=tiny_hub))
+                             *load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32))
     np.testing.assert_allclose(encoded.means[1], rows[3:].mean(0), atol=1e-6)
     np.testing.assert_allclose(encoded.embeddings, rows.numpy(), atol=1e-6)
     assert not np.allclose(encoded.means[0], encoded.means[1]) and np.isfinite(encoded.means).all()
 
 
-def test_encode_client_rejects_bad_input(tiny_hub: Path, tmp_path: Path) -> None:
+def test_encode_client_rejects_bad_input(offline_hub: Path, tmp_path: Path) -> None:
     samples = _digit_folder(tmp_path, {0: 2})
     with pytest.raises(ValueError, match="scheme"):
-        _encode(samples, scheme="mean", cache_dir=tiny_hub)
+        _encode(samples, scheme="mean")
     with pytest.raises(ValueError, match="not in class_names: zebra"):
-        _encode(samples + [Sample(tmp_path / "z.png", "zebra")], cache_dir=tiny_hub)
+        _encode(samples + [Sample(tmp_path / "z.png", "zebra")])
     with pytest.raises(ValueError, match="batch size"):
-        _encode(samples, batch_size=-2, cache_dir=tiny_hub)
+        _encode(samples, batch_size=-2)
     with pytest.raises(ValueError, match="workers"):
-        _encode(samples, num_workers=-3, cache_dir=tiny_hub)
+        _encode(samples, num_workers=-3)
     with pytest.raises(ValueError, match="no training images"):
-        _encode([], cache_dir=tiny_hub)
+        _encode([])
     (tmp_path / "zero" / "000.png").write_bytes(b"")
     (tmp_path / "zero" / "001.png").write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="none of the 2 training images could be read"):
-        _encode(samples, cache_dir=tiny_hub)
+        _encode(samples)
 
 
-def test_keep_embeddings_refuses_what_memory_cannot_hold(tiny_hub: Path, tmp_path: Path,
+def test_keep_embeddings_refuses_what_memory_cannot_hold(offline_hub: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     samples = _digit_folder(tmp_path, {0: 3})
-    monkeypatch.setattr(encoder_module, "KEEP_EMBEDDINGS_MAX_BYTES", 2 * 77 * TEXT_HIDDEN * 4)  # room for 2 images
+    room_for_two_images = 2 * CLIP_CONTEXT_LENGTH * TEXT_HIDDEN * 4
+    monkeypatch.setattr(encoder_module, "KEEP_EMBEDDINGS_MAX_BYTES", room_for_two_images)
     with pytest.raises(ValueError, match="per-image embeddings of 3 images"):
-        _encode(samples, scheme="tokens", encoder_id=DIFFUSION_ID, keep_embeddings=True, cache_dir=tiny_hub)
+        _encode(samples, scheme="tokens", encoder_id=DIFFUSION_ID, keep_embeddings=True)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_captioning_holds_a_few_batches_whatever_the_image_count(
-        tiny_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int) -> None:
+        offline_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int) -> None:
     samples = _digit_folder(tmp_path, {d: 6 for d in range(10)})  # 60 images, 15 batches of 4
     decoded = multiprocessing.Value("i", 0)  # images decoded so far, in whichever process
 
@@ -228,14 +238,14 @@ def test_captioning_holds_a_few_batches_whatever_the_image_count(
 
     monkeypatch.setattr(captioning, "CaptionInputs", CountingInputs)
     monkeypatch.setattr(Captioner, "generate", counting_generate)
-    encoded = _encode(samples, batch_size=4, num_workers=num_workers, cache_dir=tiny_hub)
+    encoded = _encode(samples, batch_size=4, num_workers=num_workers)
     assert encoded.captioned == 60 and decoded.value == 60 and len(waiting) == 15
     # the loader's queue: prefetch_factor (2) batches per worker; none without workers
     assert max(waiting) <= 4 * 2 * num_workers
     assert max(alive_at_generate) == 1  # the batch before is freed before the next one is captioned
 
 
-def test_images_are_decoded_while_the_captioner_loads(tiny_hub: Path, tmp_path: Path,
+def test_images_are_decoded_while_the_captioner_loads(offline_hub: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The decoding workers start before the weights load: a GPU client's first batch is ready when its
     model is (on an H200 the first batch had kept the GPU idle for 0.5-0.75 s after the load)."""
@@ -260,7 +270,7 @@ def test_images_are_decoded_while_the_captioner_loads(tiny_hub: Path, tmp_path: 
 
     monkeypatch.setattr(captioning, "CaptionInputs", CountingInputs)
     monkeypatch.setattr(encoder_module, "load_captioner_model", slow_load)
-    encoded = _encode(samples, batch_size=4, num_workers=1, cache_dir=tiny_hub)
+    encoded = _encode(samples, batch_size=4, num_workers=1)
     assert seen_during_load[0] > 0 and encoded.captioned == 8
 
 
@@ -272,11 +282,11 @@ def test_the_steady_rate_leaves_out_the_start() -> None:
     assert run.steady_img_per_s is None
 
 
-def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_second_run_reuses_the_cache(offline_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      caplog: pytest.LogCaptureFixture) -> None:
     samples = _digit_folder(tmp_path / "data", {2: 4, 5: 3})
     (tmp_path / "data" / "two" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    samples = scan_image_folder(tmp_path / "data").samples
+    samples = scan_image_folder(tmp_path / "data", CLASSES).samples
     out = tmp_path / "out"
     calls = {"generate": 0, "load": 0}
     generate, load = Captioner.generate, encoder_module.load_captioner_model
@@ -292,11 +302,11 @@ def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch
     monkeypatch.setattr(Captioner, "generate", counting_generate)
     monkeypatch.setattr(encoder_module, "load_captioner_model", counting_load)
     with CaptionCache.open(out) as cache:
-        first = _encode(samples, cache=cache, cache_dir=tiny_hub)
+        first = _encode(samples, cache=cache)
     assert first.captioned == 7 and first.cached == 0 and calls == {"generate": 2, "load": 1}
 
     with caplog.at_level(logging.INFO, logger="oscar_client.captioning"), CaptionCache.open(out) as cache:
-        second = _encode(samples, cache=cache, cache_dir=tiny_hub)
+        second = _encode(samples, cache=cache)
     assert calls == {"generate": 2, "load": 1}  # nothing generated, the captioner not even loaded
     assert second.captioned == 0 and second.cached == 7
     assert "captioned 0, reused 7 from the cache" in caplog.text
@@ -307,48 +317,46 @@ def test_second_run_reuses_the_cache(tiny_hub: Path, tmp_path: Path, monkeypatch
     # other generation settings: other captions, so the cache does not answer
     with CaptionCache.open(out) as cache:
         other = encode_client(samples, CLASSES, scheme="pooled", captioner_id=CAPTIONER_ID, encoder_id=CLIP_ID,
-                              device=CPU, dtype=F32, batch_size=4, max_new_tokens=3, num_workers=0, cache=cache,
-                              cache_dir=tiny_hub)
+                              device=CPU, dtype=F32, batch_size=4, max_new_tokens=3, num_workers=0, cache=cache)
     assert other.captioned == 7 and other.cached == 0
 
 
-def test_a_corrupt_cache_is_rebuilt_and_the_result_stays_right(tiny_hub: Path, tmp_path: Path,
+def test_a_corrupt_cache_is_rebuilt_and_the_result_stays_right(offline_hub: Path, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     samples = _digit_folder(tmp_path / "data", {4: 3, 7: 2})
     out = tmp_path / "out"
-    uncached = _encode(samples, cache=None, cache_dir=tiny_hub)
+    uncached = _encode(samples, cache=None)
     with CaptionCache.open(out) as cache:
-        _encode(samples, cache=cache, cache_dir=tiny_hub)
+        _encode(samples, cache=cache)
     path = out / FILE_NAME
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # truncated, as by a full disk
     with caplog.at_level(logging.WARNING), CaptionCache.open(out) as cache:
-        rebuilt = _encode(samples, cache=cache, cache_dir=tiny_hub)
+        rebuilt = _encode(samples, cache=cache)
     assert "is not usable" in caplog.text
     assert rebuilt.captioned == 5 and rebuilt.cached == 0  # nothing trusted from the damaged file
     assert rebuilt.means.tobytes() == uncached.means.tobytes()
     with CaptionCache.open(out) as cache:
-        again = _encode(samples, cache=cache, cache_dir=tiny_hub)
+        again = _encode(samples, cache=cache)
     assert again.captioned == 0 and again.cached == 5 and again.means.tobytes() == uncached.means.tobytes()
 
 
-def test_blip2_captions_a_client(tiny_hub: Path, tmp_path: Path) -> None:
-    install_tiny_blip2(tiny_hub)
+def test_blip2_captions_a_client(offline_hub: Path, tmp_path: Path) -> None:
+    install_tiny_blip2(offline_hub)
     samples = _digit_folder(tmp_path / "data", {0: 3, 6: 2})
     with CaptionCache.open(tmp_path / "out") as cache:
         encoded = encode_client(samples, CLASSES, scheme="pooled", captioner_id=BLIP2_ID, encoder_id=CLIP_ID,
-                                device=CPU, dtype=F32, batch_size=2, max_new_tokens=6, num_workers=0, cache=cache,
-                                cache_dir=tiny_hub)
+                                device=CPU, dtype=F32, batch_size=2, max_new_tokens=6, num_workers=0, cache=cache)
     assert encoded.class_ids.tolist() == [0, 6] and encoded.counts.tolist() == [3, 2] and encoded.captioned == 5
     assert encoded.caption_settings["captioner"] == BLIP2_ID
     assert all(c and "<image>" not in c for c in encoded.captions)
     assert len(set(encoded.captions)) > 1 and np.isfinite(encoded.means).all()
 
 
-def test_workers_hand_over_uint8_and_the_device_finishes_the_processor(tiny_hub: Path, tmp_path: Path) -> None:
-    from oscar_common.models import load_captioner
-
+def test_workers_hand_over_uint8_and_the_device_finishes_the_processor(offline_hub: Path,
+                                                                       tmp_path: Path) -> None:
     samples = _digit_folder(tmp_path, {1: 2})
-    captioner = Captioner(*load_captioner(CAPTIONER_ID, CPU, F32, cache_dir=tiny_hub))
+    captioner = Captioner(load_captioner_processor(CAPTIONER_ID),
+                          load_captioner_model(CAPTIONER_ID, CPU, F32))
     index, resized, reason = CaptionInputs([s.path for s in samples], captioner.image_processor)[1]
     assert index == 1 and reason is None and resized.dtype == torch.uint8 and resized.shape == (3, 32, 32)
     with Image.open(samples[1].path) as image:

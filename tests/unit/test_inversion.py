@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oscar_common.models import load_clip_text_encoder
-from oscar_common.text_encoding import encode_pooled
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled
 from oscar_demo.tiny import save_tiny_clip
 from oscar_common import inversion
 from oscar_common.inversion import (
@@ -45,7 +45,7 @@ def test_custom_forward_matches_model_output(clip):
     """Guards the hand-written forward against changes in transformers' CLIP implementation."""
     tokenizer, model = clip
     ids = _random_ids(tokenizer, 4, seed=1)
-    full = torch.full((4, 77), tokenizer.pad_token_id)  # what the tokenizer feeds the model: padded to 77
+    full = torch.full((4, CLIP_CONTEXT_LENGTH), tokenizer.pad_token_id)  # what the tokenizer feeds the model
     full[:, 0] = tokenizer.bos_token_id
     full[:, 1 : PROMPT_TOKENS + 1] = ids
     full[:, PROMPT_TOKENS + 1] = tokenizer.eos_token_id

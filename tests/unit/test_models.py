@@ -20,6 +20,7 @@ from transformers import (
 
 from oscar_client.captioning import Captioner
 from oscar_common import models
+from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH
 from oscar_demo.tiny import (
     BLIP2_ID,
     CAPTIONER_ID,
@@ -57,7 +58,8 @@ def test_install_is_idempotent_and_deterministic(tiny_hub: Path, tmp_path: Path)
 
 
 def test_captioner_by_hub_id(offline_hub: Path) -> None:
-    processor, model = models.load_captioner(CAPTIONER_ID, CPU, F32)
+    processor = models.load_captioner_processor(CAPTIONER_ID)
+    model = models.load_captioner_model(CAPTIONER_ID, CPU, F32)
     assert isinstance(model, BlipForConditionalGeneration)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     inputs = processor(images=[Image.new("RGB", (40, 30), "red")], return_tensors="pt")
@@ -67,7 +69,8 @@ def test_captioner_by_hub_id(offline_hub: Path) -> None:
 
 def test_blip2_captioner_by_hub_id(offline_hub: Path) -> None:
     snapshot = install_tiny_blip2(offline_hub)
-    processor, model = models.load_captioner(BLIP2_ID, CPU, F32)  # chosen by the config's model_type
+    processor = models.load_captioner_processor(BLIP2_ID)  # chosen by the config's model_type
+    model = models.load_captioner_model(BLIP2_ID, CPU, F32)
     assert isinstance(model, Blip2ForConditionalGeneration) and isinstance(processor, Blip2Processor)
     assert model.config.text_config.model_type == "t5"  # encoder-decoder LM, as blip2-flan-t5-xl
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -81,12 +84,16 @@ def test_blip2_captioner_by_hub_id(offline_hub: Path) -> None:
     captions = captioner.generate(pixels, max_new_tokens=6)
     assert len(captions) == 3 and all(captions) and len(set(captions)) == 3  # image-dependent captions
     assert not any("<image>" in c or "</s>" in c for c in captions)
-    assert captions == Captioner(*models.load_captioner(str(snapshot), CPU, F32)).generate(pixels, max_new_tokens=6)
+    from_dir = Captioner(models.load_captioner_processor(str(snapshot)),
+                         models.load_captioner_model(str(snapshot), CPU, F32))
+    assert captions == from_dir.generate(pixels, max_new_tokens=6)
 
 
 def test_a_captioner_of_another_kind_is_refused(offline_hub: Path) -> None:
     with pytest.raises(ValueError, match="'clip' checkpoint; supported captioners are 'blip', 'blip-2'"):
-        models.load_captioner(CLIP_ID, CPU, F32)
+        models.load_captioner_processor(CLIP_ID)
+    with pytest.raises(ValueError, match="'clip' checkpoint; supported captioners are 'blip', 'blip-2'"):
+        models.load_captioner_model(CLIP_ID, CPU, F32)
 
 
 def test_checkpoint_revision(offline_hub: Path, tmp_path: Path) -> None:
@@ -106,7 +113,7 @@ def test_checkpoint_revision(offline_hub: Path, tmp_path: Path) -> None:
 def test_clip_text_tower_from_full_clip_checkpoint(offline_hub: Path) -> None:
     tokenizer, model = models.load_clip_text_encoder(CLIP_ID, CPU, F32)
     assert isinstance(model, CLIPTextModelWithProjection)
-    assert model.config.projection_dim == 512 and tokenizer.model_max_length == 77
+    assert model.config.projection_dim == 512 and tokenizer.model_max_length == CLIP_CONTEXT_LENGTH
     assert len(tokenizer) == 49408  # the real CLIP BPE vocabulary
     ids = tokenizer("a photo of a cat").input_ids
     assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # same ids as openai/clip-vit-base-patch32
@@ -115,7 +122,7 @@ def test_clip_text_tower_from_full_clip_checkpoint(offline_hub: Path) -> None:
 
 def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
     tokenizer, text_encoder = models.load_diffusion_text_encoder(DIFFUSION_ID, CPU, F32)
-    assert isinstance(text_encoder, CLIPTextModel) and tokenizer.model_max_length == 77
+    assert isinstance(text_encoder, CLIPTextModel) and tokenizer.model_max_length == CLIP_CONTEXT_LENGTH
 
     pipe = models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="ddim")
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
@@ -133,17 +140,16 @@ def test_diffusion_text_encoder_and_pipeline(offline_hub: Path) -> None:
         models.load_diffusion_pipeline(DIFFUSION_ID, CPU, F32, scheduler="euler")
 
 
-def test_explicit_cache_dir_and_local_dir(tiny_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _, model = models.load_clip_text_encoder(CLIP_ID, CPU, F32, cache_dir=tiny_hub)
-    snapshot = install_tiny_models(tiny_hub)[CLIP_ID]
+def test_a_local_dir_loads_what_its_hub_id_loads(offline_hub: Path) -> None:
+    _, model = models.load_clip_text_encoder(CLIP_ID, CPU, F32)
+    snapshot = install_tiny_models(offline_hub)[CLIP_ID]
     _, from_dir = models.load_clip_text_encoder(str(snapshot), CPU, F32)
     assert torch.equal(model.text_projection.weight, from_dir.text_projection.weight)
 
 
 @pytest.mark.parametrize("model_id", ["nobody/does-not-exist", "./no/such/dir"])
-@pytest.mark.parametrize("loader", [models.load_captioner, models.load_clip_text_encoder,
+@pytest.mark.parametrize("loader", [lambda model_id, *_: models.load_captioner_processor(model_id),
+                                    models.load_captioner_model, models.load_clip_text_encoder,
                                     models.load_diffusion_text_encoder,
                                     functools.partial(models.load_diffusion_pipeline, scheduler="pndm"),
                                     lambda model_id, *_: models.check_diffusion_pipeline_files(model_id)])

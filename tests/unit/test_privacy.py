@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.pld import privacy_loss_distribution
@@ -13,7 +14,6 @@ from oscar_client.privacy import (
     DpRecord,
     clip_to_norm,
     clipped_mean,
-    gaussian_epsilon,
     gaussian_sigma,
     keyed_generator,
     mean_sensitivity,
@@ -56,7 +56,7 @@ def test_the_privacy_loss_distribution_accountant_agrees():
 @pytest.mark.parametrize("sensitivity", [1.0, 0.02])
 def test_sigma_and_epsilon_round_trip(epsilon, sensitivity):
     sigma = gaussian_sigma(epsilon, 1e-5, sensitivity)
-    assert gaussian_epsilon(sigma, 1e-5, sensitivity) == pytest.approx(epsilon, rel=1e-6)
+    assert dp_accounting.get_epsilon_gaussian(sigma / sensitivity, 1e-5) == pytest.approx(epsilon, rel=1e-6)
 
 
 def test_sigma_scales_with_sensitivity_and_falls_with_epsilon():

@@ -18,7 +18,7 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 def test_one_prototype_is_exactly_the_plain_mean():
     x = unit(np.random.default_rng(0).normal(size=(37, 512))).astype(np.float32)
-    plain = x.mean(axis=0, dtype=np.float64).astype(np.float32)  # oscar_client.encoder.class_means
+    plain = x.mean(axis=0, dtype=np.float64).astype(np.float32)  # oscar_client.encoder.EncodedClient.means
     prototypes, sizes = class_prototypes(x, k=1, min_size=3, seed=0)
     np.testing.assert_array_equal(prototypes, plain[None])
     np.testing.assert_array_equal(sizes, [37])

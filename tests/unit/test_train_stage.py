@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import oscar_common.training
-from oscar_common.classifier import load_classifier
+from oscar_common.classifier import classifier_from_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
 from oscar_server.fingerprint import StageSettingsChanged
@@ -78,7 +78,7 @@ def test_stage_trains_then_reuses_its_model(tmp_path: Path, caplog) -> None:
     assert len(summary.losses) == len(summary.accuracies) == 2 and 1 <= summary.best_epoch <= 2
     assert summary.train_accuracy == max(summary.accuracies) and summary.images_per_second > 0
     assert TRAINING.read_summary(RunDirectory(root)) == summary  # what the launcher reads
-    model = load_classifier(root / "model.safetensors", 3, CLASSES)  # checked against the class names
+    model = classifier_from_bytes((root / "model.safetensors").read_bytes(), 3, CLASSES)  # checks the class names
     assert model.fc.out_features == 3 and (root / "checkpoint.safetensors").exists()
     weights = _weights(root)
 

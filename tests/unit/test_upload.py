@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from oscar_client import client_app
 from oscar_client.policy import ClientPolicy
 from oscar_client.preview import PreviewRequired, build_preview, check_preview_approval
-from oscar_client.privacy import clipped_mean, gaussian_epsilon, gaussian_sigma
+from oscar_client.privacy import clipped_mean, gaussian_sigma
 from oscar_client.upload import prepare_upload, record_release
 from oscar_common.config import OscarConfig
 from oscar_common.node_settings import NodeSettings
@@ -170,7 +171,7 @@ def test_the_ledger_counts_each_release_once_and_refuses_one_past_the_budget(
     written = json.loads(ledger.read_text())
     assert len(written["releases"]) == 2
     z = (first ** -2 + second ** -2) ** -0.5  # Gaussians compose into one Gaussian (test_ledger.py)
-    assert written["total"]["epsilon"] == pytest.approx(gaussian_epsilon(z, 1e-5, 1.0), rel=1e-5)
+    assert written["total"]["epsilon"] == pytest.approx(dp_accounting.get_epsilon_gaussian(z, 1e-5), rel=1e-5)
     assert 1.0 < written["total"]["epsilon"] < 1.5
 
     refused = _client_app_upload(node, _instruction(seed=1), node_config, monkeypatch)  # a new split: a third
