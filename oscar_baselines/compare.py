@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from oscar_common.classifier import build_classifier
+from oscar_common.training.classifier import build_classifier
 from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 

@@ -51,7 +51,7 @@ from oscar_client.captioning import (
     resolve_batch_size,
     resolve_num_workers,
 )
-from oscar_common.models import load_captioner_model, load_captioner_processor
+from oscar_common.models.loading import load_captioner_model, load_captioner_processor
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from oscar_bench.report import Document
-from oscar_bench.scale import Scale
+from oscar_bench.workload import Scale
 from oscar_bench.timing import Budget
 from oscar_common.config import OscarConfig
 

@@ -19,7 +19,7 @@ from torchvision import models
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from oscar_bench.architectures import build_diffusion, clip_text_config
-from oscar_common.classifier import imagenet_weights_path
+from oscar_common.training.classifier import imagenet_weights_path
 from oscar_demo import tiny as tiny_models
 
 log = logging.getLogger(__name__)

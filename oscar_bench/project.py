@@ -2,15 +2,15 @@
 
 The sections time the stages' code, with the run config's values:
 
-* synthesis: ``generation_dtype``, :func:`project_pipeline` (``oscar_common.models``' setup of a loaded
+* synthesis: ``generation_dtype``, :func:`project_pipeline` (``oscar_common.models.loading``' setup of a loaded
   pipeline, on parts built with random weights, standing in for the checkpoint the stage loads),
   ``prepare_generation`` (the batch size from free memory, fused QKV, ``torch.compile`` on CUDA, whose
   warm-up seconds it returns), :func:`project_generate` (``plan_jobs`` + ``generate_jobs``: the PNG writer
   pool, the images written); all inside :func:`stage_cuda_settings`, as the stage calls ``configure_cuda``
-  first (:mod:`oscar_server.generation`);
+  first (:mod:`oscar_server.stages.generation`);
 * training: :func:`project_train`: decode once, the classifier, its training loop with the run's recipe
-  and precision (:mod:`oscar_server.fitting`);
-* inversion: ``invert_targets`` in chunks of ``inversion_chunk`` targets (:mod:`oscar_server.prompts`).
+  and precision (:mod:`oscar_server.stages.fitting`);
+* inversion: ``invert_targets`` in chunks of ``inversion_chunk`` targets (:mod:`oscar_server.stages.prompts`).
 
 The run's values come from :class:`~oscar_common.config.OscarConfig` (the defaults a user's run starts
 from), with the benchmark's scale applied through ``OscarConfig.replace`` (fewer steps or a smaller
@@ -31,16 +31,16 @@ from diffusers import StableDiffusionPipeline
 
 from oscar_bench.architectures import DiffusionParts
 from oscar_common.config import OscarConfig
-from oscar_common.models import setup_diffusion_pipeline
-from oscar_server.fitting import (
+from oscar_common.models.loading import setup_diffusion_pipeline
+from oscar_server.stages.fitting import (
     decode_training_images,
     fit_classifier,
     new_classifier,
     training_decode_workers,
     training_recipe,
 )
-from oscar_server.generation import configure_cuda, generate_jobs
-from oscar_server.synthesis_jobs import UploadRow, plan_jobs
+from oscar_server.stages.generation import configure_cuda, generate_jobs
+from oscar_server.stages.synthesis_jobs import UploadRow, plan_jobs
 
 BENCH_CLIENT = "bench"  # the client name of the benchmark's synthesis jobs (it names the files)
 

@@ -35,9 +35,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from oscar_client.caption_cache import CaptionCache, file_digests
-from oscar_common.data import UNREADABLE, open_rgb
+from oscar_common.data.local import UNREADABLE, open_rgb
 from oscar_common.devices import free_device_memory
-from oscar_common.models import captioner_type
+from oscar_common.models.loading import captioner_type
 from oscar_common.logs import progress
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def caption_settings(captioner_id: str, *, revision: str, dtype: torch.dtype, ma
 
     ``prompt``: BLIP-2's text prompt (:func:`captioner_prompt`); BLIP takes none.
 
-    ``revision`` is the checkpoint's (``oscar_common.models.checkpoint_revision``): it covers the weights,
+    ``revision`` is the checkpoint's (``oscar_common.models.loading.checkpoint_revision``): it covers the weights,
     the processor and the generation config. The device is left out on purpose: the same weights and
     dtype give the same greedy captions on any device up to rare floating-point ties.
     """

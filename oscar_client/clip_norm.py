@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from oscar_common.devices import resolve_device
-from oscar_common.models import load_diffusion_text_encoder
-from oscar_common.text_encoding import encode_tokens
+from oscar_common.models.loading import load_diffusion_text_encoder
+from oscar_common.models.text_encoding import encode_tokens
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 

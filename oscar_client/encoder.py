@@ -28,10 +28,10 @@ from oscar_client.caption_cache import CaptionCache
 from oscar_client.captioning import AUTO, caption_files, caption_settings, captioner_prompt
 from oscar_client.class_accumulator import ClassAccumulator
 from oscar_common.choices import SCHEMES
-from oscar_common.data import Sample
+from oscar_common.data.local import Sample
 from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
-from oscar_common.models import (
+from oscar_common.models.loading import (
     checkpoint_revision,
     load_captioner_model,
     load_captioner_processor,
@@ -39,7 +39,7 @@ from oscar_common.models import (
     load_diffusion_text_encoder,
     text_embedding_dim,
 )
-from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
+from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 
 __all__ = ["EncodedClient", "encode_client"]
 
@@ -105,7 +105,7 @@ def encode_client(
     client's caption cache, or None to caption everything. ``encoder_id`` is a CLIP checkpoint for
     ``pooled`` and a Stable Diffusion repo for ``tokens`` (the server's instruction says which).
     ``blip2_prompt``: the text prompt a BLIP-2 captioner continues (the run's ``blip2-prompt``; BLIP takes none).
-    Models come from the hub cache that HF_HUB_CACHE names (see oscar_common.models).
+    Models come from the hub cache that HF_HUB_CACHE names (see oscar_common.models.loading).
     """
     # 1. Check inputs (before any model is loaded)
     if scheme not in SCHEMES:

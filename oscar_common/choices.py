@@ -5,8 +5,8 @@ benchmark and the server stages run where Flower is not installed (e.g. a GPU bo
 """
 
 SCHEMES = ("pooled", "tokens")  # the two conditioning schemes (docs/official-code.md)
-SCHEDULERS = ("official", "pndm", "ddim", "default")  # official: the official code's calls (oscar_common.official_scheduler)
+SCHEDULERS = ("official", "pndm", "ddim", "default")  # official: the official code's calls (oscar_common.models.official_scheduler)
 TRANSPORT_DTYPES = ("float32", "float16")  # how upload means travel
 SWITCHES = ("auto", "true", "false")  # tri-state run-config keys such as compile (auto: on CUDA only)
-TRAIN_RECIPES = ("official", "official-openimage", "augmented")  # how the server trains its classifier (oscar_common.recipes)
-TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # training precision (oscar_common.training.resolve_precision)
+TRAIN_RECIPES = ("official", "official-openimage", "augmented")  # how the server trains its classifier (oscar_common.training.recipes)
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")  # training precision (oscar_common.training.loop.resolve_precision)

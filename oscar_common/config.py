@@ -71,7 +71,7 @@ class OscarConfig(BenchmarkKeys):
     generation_batch_size: int = setting(
         0, "images per diffusion batch; 0: from free GPU memory (up to 32 at 512x512), 4 on CPU",
         at_least(0, _FROM_GPU_MEMORY))
-    # --- how the server stages run (oscar_server.stage_launcher, oscar_server.generation) ---
+    # --- how the server stages run (oscar_server.stages.launcher, oscar_server.stages.generation) ---
     num_processes: str = setting(
         "auto", "processes for the server stages: auto = one per visible CUDA GPU (1 on CPU), or N; more than one "
                 "runs the stage through accelerate launch",
@@ -115,7 +115,7 @@ class OscarConfig(BenchmarkKeys):
                                    one_of(TRANSPORT_DTYPES))
     dp_max_epsilon: float = setting(0.0, "every upload must be differentially private with at most this epsilon",
                                     at_least(0, "0: differential privacy not required"))
-    # --- classifier trained on the synthetic set (ImageNet ResNet-18; recipes in oscar_common.recipes) ---
+    # --- classifier trained on the synthetic set (ImageNet ResNet-18; recipes in oscar_common.training.recipes) ---
     classifier_pretrained: bool = setting(True, "start ResNet-18 from ImageNet weights (official code); needs them "
                                                 "in $TORCH_HOME (preflight checks)")
     classifier_image_size: int = setting(224, "classifier input size", at_least(32))

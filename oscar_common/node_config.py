@@ -3,7 +3,7 @@
     flower-supernode ... --node-config "data-dir='/data/clipart' name='clipart' dp-epsilon=4"
 
 :class:`NodeConfig` is what the client, the baselines and ``oscar-centralized`` read
-(``oscar_common.node_settings``, ``oscar_client.policy``, ``oscar_common.benchmarks``). The benchmark keys
+(``oscar_common.node_settings``, ``oscar_client.policy``, ``oscar_common.data.datasets``). The benchmark keys
 of :class:`BenchmarkKeys` are also run-config keys (``OscarConfig`` inherits them): there they are defaults
 for every node, and a node's own value wins (:func:`node_values`). The key table of docs/configuration.md
 is generated from these declarations.

@@ -9,7 +9,7 @@ The default ``output-dir`` is ``<data-dir>/.oscar-output``, hidden so it is neve
 shifts the simulation's client folders. In local simulation Flower only gives ``partition-id``: client k
 then reads the k-th sub-folder (sorted) of the run config's ``simulation-data-dir``.
 
-A node can instead read its share of a benchmark (``oscar_common.benchmarks``)::
+A node can instead read its share of a benchmark (``oscar_common.data.datasets``)::
 
     --node-config "benchmark='domainnet' benchmark-root='/data/domainnet' client='clipart'"
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from oscar_common.benchmarks import benchmark_client_name, load_benchmark_partition
+from oscar_common.data.datasets import benchmark_client_name, load_benchmark_partition
 from oscar_common.config import OscarConfig
-from oscar_common.data import Sample, load_client_split, scan_image_folder
+from oscar_common.data.local import Sample, load_client_split, scan_image_folder
 from oscar_common.node_config import NodeConfig, node_values
 
 

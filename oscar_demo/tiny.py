@@ -1,7 +1,7 @@
 """Tiny random-weight stand-ins for the three frozen models, for the offline demo and the tests.
 
 No weights can be downloaded on the machines this project is developed on, so the loading code in
-:mod:`oscar_common.models` is exercised on tiny models with the same classes, file layout and
+:mod:`oscar_common.models.loading` is exercised on tiny models with the same classes, file layout and
 tokenizers as the real checkpoints:
 
 * ``Salesforce/blip-image-captioning-base``: BLIP captioner, 32x32 images, a hand-made BERT vocabulary;
@@ -54,8 +54,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from oscar_common.models import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
-from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH
+from oscar_common.models.loading import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
+from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def install_models(cache_dir: Path, models: dict[str, Callable[[Path, int], Path
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-oscar-tiny-", dir=cache_dir))
         try:
             save(tmp / "snapshot", seed)
-            # Read by oscar_common.models.stand_in_note: reports say when their models were these stand-ins.
+            # Read by oscar_common.models.loading.stand_in_note: reports say when their models were these stand-ins.
             (tmp / "snapshot" / STAND_IN_MARKER).write_text(note + "\n")
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             try:

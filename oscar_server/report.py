@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw
 from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.models import stand_in_note
+from oscar_common.models.loading import stand_in_note
 from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
 from oscar_server.strategy import RunState
-from oscar_server.synthesis_jobs import synthetic_images
+from oscar_server.stages.synthesis_jobs import synthetic_images
 
 # samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
 SAMPLE_COLUMNS = 12

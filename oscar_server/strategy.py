@@ -31,8 +31,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from oscar_common.config import OscarConfig
-from oscar_common.models import text_embedding_dim
-from oscar_common.recipes import eval_preprocessing
+from oscar_common.models.loading import text_embedding_dim
+from oscar_common.training.recipes import eval_preprocessing
 from oscar_common.wire import (
     EVALUATE_MESSAGE_TYPE,
     IDENTIFY_MESSAGE_TYPE,
@@ -53,10 +53,10 @@ from oscar_common.wire import (
 )
 from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage import SYNTHESIS, TRAINING
-from oscar_server.stage_launcher import run_stage
-from oscar_server.synthesize import SynthesisSummary
-from oscar_server.train import TrainingSummary
+from oscar_server.stages.stage import SYNTHESIS, TRAINING
+from oscar_server.stages.launcher import run_stage
+from oscar_server.stages.synthesize import SynthesisSummary
+from oscar_server.stages.train import TrainingSummary
 
 log = logging.getLogger("oscar.server")
 POLL_SECONDS = 1.0

@@ -7,8 +7,8 @@
 2. A run directory DIR/run as the ServerApp leaves it after the upload round: CLIENTS clients with
    CLASSES_PER_CLIENT classes each (of CLASSES), their means random unit vectors stored through the
    upload codec (oscar_common.wire.Upload + RunDirectory.save_payload), the run's defaults otherwise.
-3. ``python -m oscar_server.synthesize DIR/run`` (compile and every speed switch at their defaults),
-   ``python -m oscar_server.train DIR/run``, then ``oscar_server.synthesize`` again, which must generate
+3. ``python -m oscar_server.stages.synthesize DIR/run`` (compile and every speed switch at their defaults),
+   ``python -m oscar_server.stages.train DIR/run``, then ``oscar_server.stages.synthesize`` again, which must generate
    nothing (resume). Each runs with ``TORCH_LOGS=recompiles``: any "Recompiling function" line fails.
 
 Writes one Markdown table row per check to OUT/summary.md (appended, so the shell script's other steps
@@ -124,8 +124,8 @@ def stages(args: argparse.Namespace) -> int:
 
     # 3. The stages, as a user would run them by hand.
     log_path = out / "stages.log"
-    for label, module in (("synthesis", "oscar_server.synthesize"), ("training", "oscar_server.train"),
-                          ("synthesis again", "oscar_server.synthesize")):
+    for label, module in (("synthesis", "oscar_server.stages.synthesize"), ("training", "oscar_server.stages.train"),
+                          ("synthesis again", "oscar_server.stages.synthesize")):
         code, recompiles, seconds = run_stage(module, run_root, env, log_path, label)
         stage = "training" if label == "training" else "synthesis"
         record_path = run_root / "stages" / f"{stage}-summary.json"

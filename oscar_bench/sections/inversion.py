@@ -1,5 +1,5 @@
 """Prompt inversion: the project's PEZ on 540 random unit targets with CLIP ViT-B/32's text tower, as the
-synthesis stage runs it (``oscar_server.prompts.invert_targets``): in chunks (``inversion-chunk-size``, 0:
+synthesis stage runs it (``oscar_server.stages.prompts.invert_targets``): in chunks (``inversion-chunk-size``, 0:
 sized from free memory) and with the stage's CUDA settings (TF32 matmuls).
 
 A run of ``steps`` optimisation steps that checks the current prompts ``evals`` times costs about
@@ -21,7 +21,7 @@ from oscar_bench.project import stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import timed
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory
-from oscar_server.prompts import invert_targets, inversion_chunk
+from oscar_server.stages.prompts import invert_targets, inversion_chunk
 
 COLUMNS = (Column("run", "name"), Column("targets", "targets"), Column("steps", "steps"),
            Column("check every", "eval_every"), Column("checks", "evals"), Column("seconds", "seconds"),

@@ -39,7 +39,7 @@ from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import timed
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
-from oscar_server.generation import PreparedPipeline, generation_dtype, prepare_generation
+from oscar_server.stages.generation import PreparedPipeline, generation_dtype, prepare_generation
 
 log = logging.getLogger(__name__)
 

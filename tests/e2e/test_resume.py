@@ -23,7 +23,7 @@ from oscar_common.config import OscarConfig
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import ClientSpec, LocalFederation, descendants, signal_pids, wait_until
 from oscar_server.run_dir import RunDirectory
-from oscar_server.synthesize import synthesize_run
+from oscar_server.stages.synthesize import synthesize_run
 
 pytestmark = pytest.mark.e2e
 IMAGES_PER_CLASS = 3

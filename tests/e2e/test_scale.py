@@ -1,5 +1,5 @@
 """Ten virtual clients on Flower's simulation engine, each holding its Dirichlet share of one tree of real
-digits (the ``label-skew`` benchmark): the 10-client case of ``benchmarks/scale.py``, which measures 100,
+digits (the ``label-skew`` benchmark): the 10-client case of ``oscar_bench/federation/scale.py``, which measures 100,
 300 and 1,000 (docs/scale.md). Checks what grows with the number of clients: every client uploads and
 evaluates in waves of ``max-in-flight``, the report lists them in numeric order, samples.png keeps a
 readable size, the server's log does not print a line per client per wait, and the clients keep one copy of
@@ -20,7 +20,7 @@ from PIL import Image
 
 from e2e_support import FAST, hub_env
 from oscar_demo.demo_data import DIGIT_NAMES, make_digit_tree
-from oscar_demo.federation import PROJECT_DIR, LocalFederation, descendants, is_running, wait_until
+from oscar_demo.federation import LocalFederation, descendants, is_running, wait_until
 from oscar_demo.watchdog import process_stat, session_members
 from oscar_server.report import SAMPLE_COLUMNS
 
@@ -119,7 +119,7 @@ def test_the_benchmark_stopped_mid_round_leaves_no_process(tmp_path: Path, stop:
     out = tmp_path / "out"
     log_path = tmp_path / "benchmark.log"
     with open(log_path, "w") as log_file:
-        bench = subprocess.Popen([sys.executable, str(PROJECT_DIR / "benchmarks" / "scale.py"), "--clients", "4",
+        bench = subprocess.Popen([sys.executable, "-m", "oscar_bench.federation.scale", "--clients", "4",
                                   "--out", str(out)], cwd=tmp_path, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     watch = ProcessWatch(bench.pid)

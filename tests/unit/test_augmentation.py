@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from oscar_common.augmentation import model_inputs, plan_epoch, random_resized_crop_boxes
+from oscar_common.training.augmentation import model_inputs, plan_epoch, random_resized_crop_boxes
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 

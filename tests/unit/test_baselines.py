@@ -16,8 +16,8 @@ from oscar_baselines.compare import compare, fedcado_upload_bytes, main as compa
 from oscar_common.conditioning import conditioning_sentence
 from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
-from oscar_common.classifier import build_classifier, classifier_from_bytes
-from oscar_common.data import load_client_split
+from oscar_common.training.classifier import build_classifier, classifier_from_bytes
+from oscar_common.data.local import load_client_split
 from oscar_common.settings import coerce, declared_settings
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
 

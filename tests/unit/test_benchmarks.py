@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oscar_common.benchmarks import (
+from oscar_common.data.datasets import (
     BenchmarkError,
     benchmark_class_names,
     benchmark_clients,
     benchmark_config,
     load_benchmark_partition,
 )
-from oscar_common.benchmarks.cli import main as class_names_cli
-from oscar_common.benchmarks.common import BenchmarkOptions, images_under
-from oscar_common.benchmarks.domainnet import DOMAINS
-from oscar_common.benchmarks.folders import LabelSkew
-from oscar_common.benchmarks.nico import DG_DOMAINS
+from oscar_common.data.datasets.cli import main as class_names_cli
+from oscar_common.data.datasets.common import BenchmarkOptions, images_under
+from oscar_common.data.datasets.domainnet import DOMAINS
+from oscar_common.data.datasets.folders import LabelSkew
+from oscar_common.data.datasets.nico import DG_DOMAINS
 
 
 def _png(path: Path) -> Path:

@@ -15,8 +15,8 @@ from oscar_client.caption_cache import CaptionCache
 from oscar_client.captioning import Captioner, captioner_prompt
 from oscar_client.encoder import encode_client
 from oscar_common.config import OscarConfig
-from oscar_common.data import Sample
-from oscar_common.models import load_captioner_model, load_captioner_processor
+from oscar_common.data.local import Sample
+from oscar_common.models.loading import load_captioner_model, load_captioner_processor
 from oscar_common.wire import TrainInstruction
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, install_tiny_blip2
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from oscar_common.checkpoint import load_checkpoint
-from oscar_common.classifier import build_classifier
-from oscar_common.image_cache import ImageCache, decode_images
-from oscar_common.recipes import resolve_recipe
-from oscar_common.training import train_classifier
+from oscar_common.training.checkpoint import load_checkpoint
+from oscar_common.training.classifier import build_classifier
+from oscar_common.training.image_cache import ImageCache, decode_images
+from oscar_common.training.recipes import resolve_recipe
+from oscar_common.training.loop import train_classifier
 
 # Random crops and flips (reseeding must cover them) and an lr step after epoch 2 (it must survive too).
 RECIPE = dataclasses.replace(resolve_recipe("augmented", epochs=3, lr=0.01, batch_size=8), lr_step_epochs=2)
@@ -64,7 +64,7 @@ def test_foreign_file_is_not_taken_for_a_checkpoint(dataset, tmp_path: Path) -> 
 
 
 def test_best_weights_are_stored_only_when_they_are_not_the_model(tmp_path: Path) -> None:
-    from oscar_common.checkpoint import TrainingProgress, snapshot_checkpoint, write_checkpoint
+    from oscar_common.training.checkpoint import TrainingProgress, snapshot_checkpoint, write_checkpoint
 
     model = build_classifier(3, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -86,8 +86,7 @@ def test_the_step_loop_only_snapshots_the_writer_thread_serialises(dataset, tmp_
     the step loop every epoch); what the writer stores is the epoch's state, not what training does next."""
     import threading
 
-    from oscar_common import checkpoint as checkpoint_module
-
+    import oscar_common.training.checkpoint as checkpoint_module
     threads = []
     real_save = checkpoint_module.save
 

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from oscar_common.classifier import (
+from oscar_common.training.classifier import (
     ClassifierFormatError,
     PretrainedWeightsUnavailable,
     build_classifier,
@@ -22,9 +22,9 @@ from oscar_common.classifier import (
     evaluate_classifier,
     save_classifier,
 )
-from oscar_common.image_cache import decode_images
-from oscar_common.recipes import resolve_recipe
-from oscar_common.training import train_classifier
+from oscar_common.training.image_cache import decode_images
+from oscar_common.training.recipes import resolve_recipe
+from oscar_common.training.loop import train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 from oscar_client.clip_norm import departure_norms, main
 from oscar_common.config import OscarConfig
-from oscar_common.models import load_diffusion_text_encoder
-from oscar_common.text_encoding import encode_tokens
+from oscar_common.models.loading import load_diffusion_text_encoder
+from oscar_common.models.text_encoding import encode_tokens
 
 CAPTIONS = ["a photo of a cat", "a dog running on the beach", "a red car parked next to a tree", "two birds"]
 

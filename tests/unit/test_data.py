@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oscar_common.data import (
+from oscar_common.data.local import (
     UNREADABLE,
     DataDirError,
     ImageListDataset,
@@ -58,7 +58,7 @@ def test_scan_sorts_and_ignores_hidden_and_non_images(client_dir):
 
 
 def test_unknown_class_folder_is_skipped_with_warning(client_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="oscar_common.data"):
+    with caplog.at_level(logging.WARNING, logger="oscar_common.data.local"):
         result = scan_image_folder(client_dir, class_names=["cat", "dog", "owl", "yak", "emu"])
         partial = scan_image_folder(client_dir, class_names=["cat", "owl"])
     assert result.unknown_classes == []
@@ -78,7 +78,7 @@ def test_class_names_sharing_nothing_with_the_folders_say_so(client_dir):
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     from torch.utils.data import DataLoader
 
-    from oscar_common.data import ImageListDataset, collate_readable
+    from oscar_common.data.local import ImageListDataset, collate_readable
     good = tmp_path / "good.png"
     Image.new("RGB", (4, 4), "red").save(good)
     bad = tmp_path / "bad.png"

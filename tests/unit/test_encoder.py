@@ -20,14 +20,14 @@ from oscar_client.caption_cache import FILE_NAME, CaptionCache
 from oscar_client.captioning import CaptionInputs, Captioner
 from oscar_client.class_accumulator import ClassAccumulator
 from oscar_client.encoder import EncodedClient, encode_client
-from oscar_common.data import Sample, scan_image_folder
-from oscar_common.models import (
+from oscar_common.data.local import Sample, scan_image_folder
+from oscar_common.models.loading import (
     load_captioner_model,
     load_captioner_processor,
     load_clip_text_encoder,
     load_diffusion_text_encoder,
 )
-from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
+from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN, install_tiny_blip2
 
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ import torch
 
 from oscar_bench.hub_export import export_server_models
 from oscar_common.config import OscarConfig
-from oscar_common.models import load_clip_text_encoder, load_diffusion_pipeline, stand_in_note
+from oscar_common.models.loading import load_clip_text_encoder, load_diffusion_pipeline, stand_in_note
 from oscar_demo.tiny import CLIP_ID, DIFFUSION_ID, offline_hub_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from oscar_common.models import load_clip_text_encoder
-from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled
+from oscar_common.models.loading import load_clip_text_encoder
+from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled
 from oscar_demo.tiny import save_tiny_clip
-from oscar_common import inversion
-from oscar_common.inversion import (
+import oscar_common.models.inversion as inversion
+from oscar_common.models.inversion import (
     CPU_CHUNK_SIZE,
     end_token_embeds,
     invert_embeddings,

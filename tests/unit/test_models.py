@@ -19,8 +19,8 @@ from transformers import (
 )
 
 from oscar_client.captioning import Captioner
-from oscar_common import models
-from oscar_common.text_encoding import CLIP_CONTEXT_LENGTH
+import oscar_common.models.loading as models
+from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH
 from oscar_demo.tiny import (
     BLIP2_ID,
     CAPTIONER_ID,

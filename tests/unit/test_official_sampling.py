@@ -10,12 +10,12 @@ import torch
 from diffusers import PNDMScheduler
 
 from oscar_common.config import OscarConfig
-from oscar_common.models import load_diffusion_pipeline
+from oscar_common.models.loading import load_diffusion_pipeline
 from oscar_demo.tiny import save_tiny_stable_diffusion
-from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings
-from oscar_server.generation import generate_images
-from oscar_server.synthesis_jobs import SynthesisJob
-from oscar_server.synthesize import synthesis_settings
+from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings
+from oscar_server.stages.generation import generate_images
+from oscar_server.stages.synthesis_jobs import SynthesisJob
+from oscar_server.stages.synthesize import synthesis_settings
 
 CPU, F32 = torch.device("cpu"), torch.float32
 DEFAULTS = OscarConfig()
@@ -85,7 +85,7 @@ def test_the_pipeline_runs_the_official_loop_step_for_step(model_dir: Path) -> N
 
 
 def test_official_scheduler_refuses_a_config_it_cannot_follow(model_dir: Path) -> None:
-    from oscar_common.official_scheduler import OfficialPNDMScheduler
+    from oscar_common.models.official_scheduler import OfficialPNDMScheduler
 
     config = dict(PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler").config, skip_prk_steps=False)
     with pytest.raises(ValueError, match="skip_prk_steps"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from oscar_common.classifier import eval_transform
+from oscar_common.training.classifier import eval_transform
 from oscar_common.config import OscarConfig
 from oscar_common.choices import TRAIN_RECIPES
-from oscar_common.recipes import RECIPES, Preprocessing, eval_preprocessing, resolve_recipe, standard_preprocessing
+from oscar_common.training.recipes import RECIPES, Preprocessing, eval_preprocessing, resolve_recipe, standard_preprocessing
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -71,10 +71,10 @@ def test_each_example_trains_with_the_official_recipe_of_its_benchmark(benchmark
 
 
 def test_the_classifier_module_describes_the_default_recipe():
-    import oscar_common.classifier
+    import oscar_common.training.classifier
 
     default = RECIPES[OscarConfig().train_recipe]
-    doc = " ".join(oscar_common.classifier.__doc__.split())
+    doc = " ".join(oscar_common.training.classifier.__doc__.split())
     said = (f"The default, ``{default.name}``", f"lr {default.lr:.0e}".replace("e-0", "e-"), f"{default.epochs} epochs",
             f"batch {default.batch_size}", "without crops or flips" if not default.augment else "random crops")
     assert [phrase for phrase in said if phrase not in doc] == []

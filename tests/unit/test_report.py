@@ -17,7 +17,7 @@ from oscar_server.report import SAMPLE_COLUMNS, SAMPLE_ROWS, build_report, rende
 from oscar_server.run_dir import RunDirectory
 from oscar_server.outcomes import ClientOutcome, Rejection
 from oscar_server.strategy import RunState
-from oscar_server.synthesis_jobs import SynthesisJob
+from oscar_server.stages.synthesis_jobs import SynthesisJob
 
 CLASSES = tuple(f"class_{i}" for i in range(25))
 

@@ -1,18 +1,11 @@
-"""benchmarks/scale.py's reading of a run's logs: clients per minute in each round and the clients' own work."""
+"""oscar_bench/federation/scale.py's reading of a run's logs: clients per minute in each round and the clients' own work."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
-_spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
-scale = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = scale  # its dataclasses look their module up
-_spec.loader.exec_module(scale)
+from oscar_bench.federation import scale
 
 RAY = "\x1b[36m(ClientAppActor pid=26572)\x1b[0m "
 

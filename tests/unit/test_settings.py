@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from oscar_client.policy import ClientPolicy
-from oscar_common.benchmarks import BenchmarkError
-from oscar_common.benchmarks.common import BenchmarkOptions
+from oscar_common.data.datasets import BenchmarkError
+from oscar_common.data.datasets.common import BenchmarkOptions
 from oscar_common.config import OscarConfig
 from oscar_common.node_config import NodeConfig
 from oscar_common.node_settings import NodeSettings

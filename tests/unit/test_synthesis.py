@@ -12,13 +12,13 @@ import torch
 from diffusers.utils.torch_utils import is_compiled_module
 from PIL import Image
 
-from oscar_common.models import load_diffusion_pipeline
+from oscar_common.models.loading import load_diffusion_pipeline
 from oscar_common.wire import Upload
 from oscar_demo.tiny import save_tiny_stable_diffusion
-from oscar_server import generation
-from oscar_server.generation import generate_images as _generate_images
-from oscar_server.image_writer import PngWriter
-from oscar_server.synthesis_jobs import (
+import oscar_server.stages.generation as generation
+from oscar_server.stages.generation import generate_images as _generate_images
+from oscar_server.stages.image_writer import PngWriter
+from oscar_server.stages.synthesis_jobs import (
     SynthesisJob,
     UploadRow,
     image_seed,

@@ -14,11 +14,11 @@ from PIL import Image
 
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
-from oscar_server import stage_launcher
+import oscar_server.stages.launcher as stage_launcher
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage import SYNTHESIS, TRAINING
-from oscar_server.stage_launcher import StageFailed, launch_command, run_stage
-from oscar_server.synthesize import main, synthesize_run
+from oscar_server.stages.stage import SYNTHESIS, TRAINING
+from oscar_server.stages.launcher import StageFailed, launch_command, run_stage
+from oscar_server.stages.synthesize import main, synthesize_run
 
 CLASSES = "aircraft_carrier,cat,dog"
 IMAGES = 2 * 2 + 2 * 2  # alpha: classes 0 and 1 (two prototypes), beta: classes 0 and 2; 2 images each
@@ -193,20 +193,20 @@ def test_launch_commands_and_child_environment(tmp_path: Path, monkeypatch: pyte
     run_dir = RunDirectory(tmp_path / "run")
     cpu = launch_command(SYNTHESIS, run_dir, stage_config(run_dir.root), 2)
     assert cpu == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "oscar_server.synthesize", str(run_dir.root)]
+                   "-m", "oscar_server.stages.synthesize", str(run_dir.root)]
 
     gpu_cfg = stage_config(run_dir.root, device="auto", **{"accelerate-config": "/etc/acc.yaml"})
     monkeypatch.setattr(stage_launcher, "resolve_device", lambda name: stage_launcher.torch.device("cuda"))
     gpu = launch_command(TRAINING, run_dir, gpu_cfg, 8)
     assert gpu == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "8",
-                   "--config_file", "/etc/acc.yaml", "-m", "oscar_server.train", str(run_dir.root)]
+                   "--config_file", "/etc/acc.yaml", "-m", "oscar_server.stages.train", str(run_dir.root)]
     default = launch_command(SYNTHESIS, run_dir, gpu_cfg.replace(accelerate_config=""), 8)
     assert default[6] == "--main_process_port" and int(default[7]) > 0
 
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     env = stage_launcher.child_environment()
     project = Path(env["PYTHONPATH"].split(":")[0])
-    assert (project / "oscar_server" / "synthesize.py").exists() and env["PYTHONPATH"].endswith(":/elsewhere")
+    assert (project / "oscar_server" / "stages" / "synthesize.py").exists() and env["PYTHONPATH"].endswith(":/elsewhere")
     assert env["HF_HUB_OFFLINE"] == "1"
 
     assert stage_launcher.num_processes("auto") == 1  # no CUDA here

@@ -14,16 +14,16 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-import oscar_common.training
-from oscar_common.classifier import classifier_from_bytes
+import oscar_common.training.loop
+from oscar_common.training.classifier import classifier_from_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
-from oscar_server.fingerprint import StageSettingsChanged
+from oscar_server.stages.fingerprint import StageSettingsChanged
 from oscar_server.outcomes import Rejection
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage import TRAINING
-from oscar_server.stage_launcher import run_stage
-from oscar_server.train import SyntheticSetIncomplete, main, train_run
+from oscar_server.stages.stage import TRAINING
+from oscar_server.stages.launcher import run_stage
+from oscar_server.stages.train import SyntheticSetIncomplete, main, train_run
 
 CLASSES = ("cat", "dog", "sea_horse")
 SETTINGS = {"class-names": ",".join(CLASSES), "images-per-class": 4, "classifier-image-size": 32,
@@ -96,14 +96,14 @@ def test_killed_stage_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> N
     train_run(reference, _cfg(reference, **overrides))
 
     root = make_run(tmp_path / "run")
-    plan_epoch = oscar_common.training.plan_epoch
+    plan_epoch = oscar_common.training.loop.plan_epoch
 
     def killed_in_epoch_2(**kwargs):
         if kwargs["epoch"] == 2:
             raise KeyboardInterrupt("killed in epoch 2")
         return plan_epoch(**kwargs)
 
-    monkeypatch.setattr(oscar_common.training, "plan_epoch", killed_in_epoch_2)
+    monkeypatch.setattr(oscar_common.training.loop, "plan_epoch", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_run(root, _cfg(root, **overrides))
     assert not (root / "model.safetensors").exists() and (root / "checkpoint.safetensors").exists()
@@ -172,7 +172,7 @@ def test_one_and_two_processes_train_the_same_model(tmp_path: Path, monkeypatch)
     two = tmp_path / "two"
     shutil.copytree(one, two)
     # Through the server's stage launcher: in this process, and as `torchrun --nproc_per_node 2 -m
-    # oscar_server.train` (which reads the run's config.json, so that says num-processes = 2 too).
+    # oscar_server.stages.train` (which reads the run's config.json, so that says num-processes = 2 too).
     single = run_stage(TRAINING, RunDirectory(one), _cfg(one))
     cfg_two = _cfg(two, **{"num-processes": "2"})
     RunDirectory(two).save_config(cfg_two)

@@ -13,7 +13,7 @@ The children read the same run directory. They import this very copy of the proj
 it, which matters when the ServerApp runs from a Flower app bundle), inherit the environment (HF_HUB_*
 included), and their output goes line by line into this process's log. A failed child raises
 :class:`StageFailed` naming the stage, the exit code and its last lines of output. The stage's summary,
-``<run dir>/stages/<stage>-summary.json`` (:meth:`~oscar_server.stage.Stage.read_summary`), is what
+``<run dir>/stages/<stage>-summary.json`` (:meth:`~oscar_server.stages.stage.Stage.read_summary`), is what
 :func:`run_stage` returns, however the stage ran.
 """
 
@@ -36,7 +36,7 @@ import torch
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage import Stage
+from oscar_server.stages.stage import Stage
 
 log = logging.getLogger("oscar.stages")
 
@@ -92,7 +92,7 @@ def launch_command(stage: Stage, run_dir: RunDirectory, cfg: OscarConfig, proces
 def child_environment() -> dict[str, str]:
     """This environment, plus the folder that holds this copy of the project first on PYTHONPATH."""
     env = dict(os.environ)
-    project = str(Path(__file__).resolve().parents[1])
+    project = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([project, *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"  # lines reach our log as they are written
     return env

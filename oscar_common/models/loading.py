@@ -200,7 +200,7 @@ def load_diffusion_pipeline(
 
     ``scheduler``: ``"official"`` (the official OSCAR code's sampling: SD 1.x's own PNDM over the last
     ``num_inference_steps`` entries of its timestep list, one UNet call per step; the official code builds a
-    DDIMScheduler but never attaches it; :mod:`oscar_common.official_scheduler`), ``"pndm"`` (the same PNDM
+    DDIMScheduler but never attaches it; :mod:`oscar_common.models.official_scheduler`), ``"pndm"`` (the same PNDM
     over its whole list, as diffusers' pipeline runs it: one UNet call more), ``"ddim"`` (DDIM over the
     checkpoint's betas, SD 1.x: 0.00085..0.012 scaled_linear), ``"default"`` keeps the checkpoint's.
     """
@@ -229,7 +229,7 @@ def setup_diffusion_pipeline(pipe: "StableDiffusionPipeline", device: torch.devi
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if scheduler == "official":
-        from oscar_common.official_scheduler import OfficialPNDMScheduler
+        from oscar_common.models.official_scheduler import OfficialPNDMScheduler
 
         pipe.scheduler = OfficialPNDMScheduler.from_checkpoint(pipe.scheduler.config)
     elif scheduler == "ddim":

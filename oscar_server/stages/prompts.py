@@ -1,7 +1,7 @@
 """The ``pooled`` scheme's prompts: every upload row decoded into text once, kept in ``prompts.json``.
 
 Each row (a client's mean CLIP embedding of one class, or one of its prototypes) is inverted into a hard
-prompt (:mod:`oscar_common.inversion`), then put into the prompt template with the class name in words
+prompt (:mod:`oscar_common.models.inversion`), then put into the prompt template with the class name in words
 ("aircraft carrier", not the folder name "aircraft_carrier"). The records are the best way for a person
 to see what the server learned about each client, and a resumed stage reuses them as they are: inversion
 on a GPU is not bit-reproducible.
@@ -23,10 +23,10 @@ from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
-from oscar_common.inversion import InvertedPrompt, invert_embeddings, inversion_chunk_size
-from oscar_common.models import load_clip_text_encoder
+from oscar_common.models.inversion import InvertedPrompt, invert_embeddings, inversion_chunk_size
+from oscar_common.models.loading import load_clip_text_encoder
 from oscar_common.upload_rules import Upload
-from oscar_server.synthesis_jobs import UploadRow, prompt_class_name, row_means
+from oscar_server.stages.synthesis_jobs import UploadRow, prompt_class_name, row_means
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def invert_targets(targets: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
                    text_model: CLIPTextModelWithProjection, cfg: OscarConfig, *,
                    eval_every: int | None = None) -> list[InvertedPrompt]:
     """Hard prompts for ``targets`` [N, D] with the run's ``inversion-*`` settings and seed, in chunks of
-    :func:`inversion_chunk` targets; ``eval_every`` as :func:`~oscar_common.inversion.invert_embeddings`."""
+    :func:`inversion_chunk` targets; ``eval_every`` as :func:`~oscar_common.models.inversion.invert_embeddings`."""
     return invert_embeddings(targets, tokenizer, text_model, num_tokens=cfg.inversion_tokens,
                              steps=cfg.inversion_steps, lr=cfg.inversion_lr, seed=cfg.seed, eval_every=eval_every,
                              chunk_size=inversion_chunk(len(targets), text_model, cfg))

@@ -3,8 +3,8 @@
 Run by the server after synthesis, or by hand (after a crash, or with other settings)::
 
     oscar-train RUN_DIR [--fresh] [--set key=value ...]
-    python -m oscar_server.train RUN_DIR ...
-    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.train RUN_DIR
+    python -m oscar_server.stages.train RUN_DIR ...
+    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.stages.train RUN_DIR
 
 It reads the run directory only: ``config.json`` (overridden by ``--set``), the accepted uploads
 (``uploads.json``), the synthetic images ``synthetic/<class>/<client>__c<id>__<index>.png`` of those uploads
@@ -17,8 +17,8 @@ other settings is never reused (the stage stops and says what changed). ``--fres
 checkpoint, the model, the summary and that record. A finished model with the same settings is reused
 at once.
 
-Under ``accelerate launch`` or ``torchrun`` (``num-processes``; :mod:`oscar_server.stage_launcher`) every
-process trains on its part of each global batch (:mod:`oscar_common.training`): 1 and N processes train
+Under ``accelerate launch`` or ``torchrun`` (``num-processes``; :mod:`oscar_server.stages.launcher`) every
+process trains on its part of each global batch (:mod:`oscar_common.training.loop`): 1 and N processes train
 the same model, up to float rounding.
 """
 
@@ -37,21 +37,21 @@ import torch.distributed as dist
 from accelerate import PartialState
 from safetensors import safe_open
 
-from oscar_common.classifier import ARCHITECTURE, classifier_to_bytes
+from oscar_common.training.classifier import ARCHITECTURE, classifier_to_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.devices import peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
-from oscar_server.fingerprint import (
+from oscar_server.stages.fingerprint import (
     StageSettingsChanged,
     check_stage_settings,
     forget_stage,
     stage_settings_path,
     stage_summary_path,
 )
-from oscar_server.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
+from oscar_server.stages.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import on_first_process, run_stage_command
-from oscar_server.synthesis_jobs import synthetic_images
+from oscar_server.stages.cli import on_first_process, run_stage_command
+from oscar_server.stages.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")
 
@@ -78,7 +78,7 @@ class TrainingSummary:
 
     status: str  # "trained", or "reused" (a finished model with the same settings was found)
     model: str  # path of model.safetensors
-    recipe: dict[str, Any]  # the resolved recipe (oscar_common.recipes.Recipe), overrides applied
+    recipe: dict[str, Any]  # the resolved recipe (oscar_common.training.recipes.Recipe), overrides applied
     image_size: int
     cache_size: int  # side of the decoded-once training images
     classes: int

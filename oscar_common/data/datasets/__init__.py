@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from oscar_common.benchmarks.common import (
+from oscar_common.data.datasets.common import (
     Benchmark, BenchmarkError, BenchmarkOptions, ClientPartition, logger, select_classes, take_shots,
 )
-from oscar_common.benchmarks.domainnet import DomainNet
-from oscar_common.benchmarks.folders import DomainFolders, LabelSkew, OpenImage
-from oscar_common.benchmarks.nico import NicoDG, NicoUnique
+from oscar_common.data.datasets.domainnet import DomainNet
+from oscar_common.data.datasets.folders import DomainFolders, LabelSkew, OpenImage
+from oscar_common.data.datasets.nico import NicoDG, NicoUnique
 from oscar_common.node_config import node_values
 
 __all__ = [

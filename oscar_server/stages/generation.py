@@ -1,4 +1,4 @@
-"""Synthetic images from :class:`~oscar_server.synthesis_jobs.SynthesisJob` s with diffusers' Stable Diffusion
+"""Synthetic images from :class:`~oscar_server.stages.synthesis_jobs.SynthesisJob` s with diffusers' Stable Diffusion
 pipeline, at the GPU's pace.
 
 Guidance is diffusers' ``eps_u + g * (eps_c - eps_u)`` with the empty prompt as the unconditional input, as
@@ -15,7 +15,7 @@ What keeps the GPU busy (each a run-config switch, see :func:`prepare_pipeline`)
 * fused QKV projections and ``torch.compile`` of the UNet and the VAE decoder (CUDA); a compiled pipeline
   pads the last batch to the full batch size, because every new batch shape would compile again;
 * images leave the pipeline as tensors, become uint8 on the GPU, and are PNG-encoded and written by a
-  pool of threads (:class:`~oscar_server.image_writer.PngWriter`) while the GPU works on the next batch.
+  pool of threads (:class:`~oscar_server.stages.image_writer.PngWriter`) while the GPU works on the next batch.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from diffusers.utils.torch_utils import is_compiled_module
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_dtype
 from oscar_common.logs import progress
-from oscar_server.image_writer import PngWriter
-from oscar_server.synthesis_jobs import SynthesisJob
+from oscar_server.stages.image_writer import PngWriter
+from oscar_server.stages.synthesis_jobs import SynthesisJob
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from oscar_common.benchmarks import BENCHMARKS, BenchmarkError, benchmark_class_names, benchmark_clients
+from oscar_common.data.datasets import BENCHMARKS, BenchmarkError, benchmark_class_names, benchmark_clients
 
 
 def main(argv: list[str] | None = None) -> None:

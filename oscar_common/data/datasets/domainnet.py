@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oscar_common.benchmarks.common import Benchmark, BenchmarkError, ListEntry, find_split_file, read_list_file
-from oscar_common.data import Sample
+from oscar_common.data.datasets.common import Benchmark, BenchmarkError, ListEntry, find_split_file, read_list_file
+from oscar_common.data.local import Sample
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 

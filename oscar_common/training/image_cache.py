@@ -4,7 +4,7 @@ Decoding a 512x512 PNG takes milliseconds of CPU per image, every epoch, while a
 thousands of images a second (docs/performance.md): the decoder, not the GPU, sets the pace. So each image
 is decoded and resized once, in DataLoader worker processes, into a ``[N, 3, side, side]`` uint8 tensor
 that lives on the training device (1 GB for 5,400 images at 256); cropping, flipping and normalising then
-happen there (:mod:`oscar_common.augmentation`).
+happen there (:mod:`oscar_common.training.augmentation`).
 
 Several processes (one per GPU) each decode an interleaved share and exchange the results, so every image
 is decoded once in all. Unreadable images are skipped, counted and named in the log, never fatal.
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from oscar_common.data import UNREADABLE, open_rgb
+from oscar_common.data.local import UNREADABLE, open_rgb
 from oscar_common.logs import progress
 
 logger = logging.getLogger(__name__)

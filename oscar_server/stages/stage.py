@@ -3,9 +3,9 @@ directory.
 
 A stage is an entry function ``run(run_dir, cfg) -> summary``, run the same way in one process or in
 each process of a launch. Its module is also its command (``python -m <module> RUN_DIR``), which is how
-:mod:`oscar_server.stage_launcher` starts it in child processes. The stage writes its summary (a
+:mod:`oscar_server.stages.launcher` starts it in child processes. The stage writes its summary (a
 dataclass) to ``<run dir>/stages/<name>-summary.json`` and its settings record (resume safety,
-:mod:`oscar_server.fingerprint`) to ``<run dir>/stages/<name>.json``; :meth:`Stage.read_summary` reads the
+:mod:`oscar_server.stages.fingerprint`) to ``<run dir>/stages/<name>.json``; :meth:`Stage.read_summary` reads the
 summary back, however the stage ran.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from oscar_common.config import OscarConfig
-from oscar_server import synthesize, train
-from oscar_server.fingerprint import stage_summary_path
+from oscar_server.stages import synthesize, train
+from oscar_server.stages.fingerprint import stage_summary_path
 from oscar_server.run_dir import RunDirectory
 
 

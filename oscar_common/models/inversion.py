@@ -13,7 +13,7 @@ chunk: the random initial tokens of all targets are drawn first, then the chunks
 and any chunk size gives the results of one batch (tests check sizes 1, 3 and all: the same prompts, and
 cosines equal up to the last float bits, which batched matmuls round differently for other row counts).
 
-Candidates are scored by re-encoding their *decoded text* with :func:`oscar_common.text_encoding.encode_pooled`,
+Candidates are scored by re-encoding their *decoded text* with :func:`oscar_common.models.text_encoding.encode_pooled`,
 because decoded text does not always re-tokenize to the same ids, and the text is what Stable Diffusion sees.
 """
 
@@ -29,7 +29,7 @@ from oscar_common.logs import progress
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 
-from oscar_common.text_encoding import encode_pooled
+from oscar_common.models.text_encoding import encode_pooled
 
 logger = logging.getLogger(__name__)
 

@@ -3,15 +3,15 @@
 ::
 
     oscar-synthesize RUN_DIR [--fresh] [--set key=value ...]
-    python -m oscar_server.synthesize RUN_DIR ...
-    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.synthesize RUN_DIR
+    python -m oscar_server.stages.synthesize RUN_DIR ...
+    accelerate launch --multi_gpu --num_processes 4 -m oscar_server.stages.synthesize RUN_DIR
 
 It reads the run directory only (``config.json``, the finished upload round, ``prompts.json`` if there)
 and writes ``prompts.json``, ``synthetic/<class>/<client>__c<id>__<index>.png`` and
 ``stages/synthesis-summary.json``. It can be rerun at any time: images that exist are skipped, never
 rewritten, so a killed stage resumes where it stopped. Before it reuses anything it checks that the
 settings that shape prompts and images are those recorded when the stage first ran
-(:mod:`oscar_server.fingerprint`); ``--fresh`` discards the stage's outputs instead.
+(:mod:`oscar_server.stages.fingerprint`); ``--fresh`` discards the stage's outputs instead.
 
 Under ``accelerate launch`` or ``torchrun`` the images are shared out among the processes (one per GPU):
 per-image seeds make the set the same whoever generates what. The main process decodes the prompts.
@@ -34,13 +34,13 @@ from accelerate.utils import gather_object
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_json
-from oscar_common.models import load_diffusion_pipeline
-from oscar_server.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
-from oscar_server.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
-from oscar_server.prompts import decode_prompts
+from oscar_common.models.loading import load_diffusion_pipeline
+from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
+from oscar_server.stages.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
+from oscar_server.stages.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stage_cli import on_first_process, run_stage_command
-from oscar_server.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
+from oscar_server.stages.cli import on_first_process, run_stage_command
+from oscar_server.stages.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
 
 log = logging.getLogger("oscar.synthesis")
 

@@ -1,7 +1,7 @@
 """How the training stage turns labelled images into the classifier, with the run config's values: the
 recipe, every image decoded once into a cache on the training device, the classifier, the training loop.
 
-The training stage (:mod:`oscar_server.train`) calls these on a run directory's synthetic images;
+The training stage (:mod:`oscar_server.stages.train`) calls these on a run directory's synthetic images;
 oscar-bench calls the same on its own PNGs, so it measures the stage's code. This module knows nothing of
 run directories (the benchmark's machine has no Flower, which the run directory's upload records need).
 """
@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from oscar_common.classifier import build_classifier
+from oscar_common.training.classifier import build_classifier
 from oscar_common.config import OscarConfig
-from oscar_common.image_cache import ImageCache, decode_images, decode_workers
-from oscar_common.recipes import Recipe, resolve_recipe
-from oscar_common.training import TrainStats, train_classifier
+from oscar_common.training.image_cache import ImageCache, decode_images, decode_workers
+from oscar_common.training.recipes import Recipe, resolve_recipe
+from oscar_common.training.loop import TrainStats, train_classifier
 
 
 def training_recipe(cfg: OscarConfig) -> Recipe:

@@ -1,6 +1,6 @@
 """What one poll of Flower's message store costs with N nodes and M stored messages (docs/scale.md).
 
-    python benchmarks/flower_sweep.py
+    python -m oscar_bench.federation.flower_sweep
 
 Flower 1.42's simulation engine sweeps every virtual node every 0.1 s (``vce_api.add_messages_to_queue``), and
 a SuperLink answers each real SuperNode's poll, with ``InMemoryLinkState.get_message_ins(node, limit=1)``,

@@ -2,7 +2,7 @@
 
 Written atomically after every epoch, so a server killed mid-training resumes from its last complete
 epoch and a half-written checkpoint is never read. The learning rate is a function of the epoch
-(:meth:`oscar_common.recipes.Recipe.lr_at`), so no scheduler state is needed.
+(:meth:`oscar_common.training.recipes.Recipe.lr_at`), so no scheduler state is needed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ResNet-18 that the server trains on the synthetic set and every client evaluates.
 
 A torchvision ResNet-18 (ImageNet weights by default) trained with cross-entropy by a named recipe
-(:mod:`oscar_common.recipes`). The default, ``official``, is the official OSCAR code's train.py: SGD lr
+(:mod:`oscar_common.training.recipes`). The default, ``official``, is the official OSCAR code's train.py: SGD lr
 5e-4, momentum 0.9, 20 epochs, batch 256, images resized to 224 without crops or flips, a constant lr, and
 the best training-accuracy epoch kept; ``official-openimage`` adds its OpenImage loader's batch 32 and
 random crops and flips. Weights travel and rest as safetensors only; :func:`classifier_from_bytes` checks
@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision.transforms import v2
 
-from oscar_common.data import collate_readable
+from oscar_common.data.local import collate_readable
 from oscar_common.files import atomic_write_bytes
 from oscar_common.logs import progress
-from oscar_common.recipes import eval_preprocessing
+from oscar_common.training.recipes import eval_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _imagenet_resnet18() -> nn.Module:
 # ----------------------------------------------------------------------------------- transforms
 def eval_transform(image_size: int, recipe: str) -> v2.Compose:
     """How a client prepares test images for a model trained with ``recipe`` (see
-    :func:`oscar_common.recipes.eval_preprocessing`; clients get the same values as plain config)."""
+    :func:`oscar_common.training.recipes.eval_preprocessing`; clients get the same values as plain config)."""
     return eval_preprocessing(image_size, recipe).transform()
 
 

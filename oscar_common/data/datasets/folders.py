@@ -9,7 +9,7 @@ and Dirichlet label-skew partitions of a single-domain tree.
 
 Test data: with ``test-root`` (a second tree of the same layout, e.g. the official test split) the
 client's test samples come from it, partitioned the same way; otherwise the client's samples are split
-by the seeded stratified split of ``oscar_common.data`` (``test-fraction``).
+by the seeded stratified split of ``oscar_common.data.local`` (``test-fraction``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Iterator
 
 import numpy as np
 
-from oscar_common.benchmarks.common import (
+from oscar_common.data.datasets.common import (
     Benchmark, BenchmarkError, image_parts_under, images_under, logger, numbered_clients, subfolders,
 )
-from oscar_common.data import Sample, _class_seed
+from oscar_common.data.local import Sample, _class_seed
 
 
 class DomainFolders(Benchmark):

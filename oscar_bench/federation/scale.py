@@ -1,8 +1,8 @@
 """How OSCAR scales with the number of clients: Flower's simulation engine with N virtual clients, and
 a SuperLink with N real SuperNode processes.
 
-    python benchmarks/scale.py --clients 100 300 1000 --out scale-results
-    python benchmarks/scale.py --clients --supernodes 8 16 --out deployment-results
+    python -m oscar_bench.federation.scale --clients 100 300 1000 --out scale-results
+    python -m oscar_bench.federation.scale --clients --supernodes 8 16 --out deployment-results
 
 Prepares the tiny random-weight models, and for each N a single-domain tree of MNIST digits holding
 ``--per-client`` images per client on average (5 x N per class for 50: the 500 real digits per class of
@@ -42,16 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))  # run from anywhere: this checkout's code, not another install
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from oscar_common.logs import setup_logging  # noqa: E402
-from oscar_demo.demo_data import DIGIT_NAMES, MNIST_PER_CLASS, make_digit_tree  # noqa: E402
-from oscar_demo.federation import ClientSpec, LocalFederation  # noqa: E402
-from oscar_demo.tiny import install_tiny_models, offline_hub_env  # noqa: E402
+from oscar_common.logs import setup_logging
+from oscar_demo.demo_data import DIGIT_NAMES, MNIST_PER_CLASS, make_digit_tree
+from oscar_demo.federation import ClientSpec, LocalFederation
+from oscar_demo.tiny import install_tiny_models, offline_hub_env
 
 log = logging.getLogger("oscar.scale")
 
@@ -421,7 +420,7 @@ def _exit_on_sigterm(*_: object) -> None:
 
 
 def _command() -> str:
-    return "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    return "python -m oscar_bench.federation.scale " + " ".join(sys.argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,10 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from oscar_common.benchmarks.common import (
+from oscar_common.data.datasets.common import (
     Benchmark, BenchmarkError, ListEntry, find_split_file, logger, numbered_clients, read_list_file,
 )
-from oscar_common.data import Sample
+from oscar_common.data.local import Sample
 
 DG_DOMAINS = ("autumn", "dim", "grass", "outdoor", "rock", "water")
 

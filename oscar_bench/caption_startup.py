@@ -1,6 +1,6 @@
 """A client's captioning start-up against a stand-in GPU: how long the device waits for its first images.
 
-    python benchmarks/caption_startup.py --runs 3 --workers 1 --threads 1
+    python -m oscar_bench.caption_startup --runs 3 --workers 1 --threads 1
 
 The captioner is BLIP-base's published architecture with random weights (``oscar_bench.client``), saved
 once as a checkpoint in ``--work`` and loaded from there by the project's loaders, as a client loads its
@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))  # run from anywhere: this checkout's code, not another install
 
-import torch  # noqa: E402
+import torch
 
-from oscar_bench.client import random_blip_base, write_photo_jpegs  # noqa: E402
-from oscar_client import captioning  # noqa: E402
-from oscar_common.models import load_captioner_model, load_captioner_processor  # noqa: E402
+from oscar_bench.client import random_blip_base, write_photo_jpegs
+from oscar_client import captioning
+from oscar_common.models.loading import load_captioner_model, load_captioner_processor
 
 CPU = torch.device("cpu")
 

@@ -1,13 +1,13 @@
 """Train the ResNet-18 on decoded-once images at the device's pace, in one process or several.
 
-The data is an :class:`~oscar_common.image_cache.ImageCache` (uint8 images on the training device). Each
+The data is an :class:`~oscar_common.training.image_cache.ImageCache` (uint8 images on the training device). Each
 step takes a batch of indices from the epoch's plan, crops/flips/normalises those images on the device
-(:mod:`oscar_common.augmentation`) and runs SGD; on CUDA in bf16 autocast with channels_last tensors.
+(:mod:`oscar_common.training.augmentation`) and runs SGD; on CUDA in bf16 autocast with channels_last tensors.
 
 Several processes (``torchrun`` or ``accelerate launch``; the caller sets up the process group, e.g. with
 ``accelerate.PartialState``) share every global batch: the epoch's order and every sample's crop come from
 (seed, epoch, sample index), each process takes a contiguous part of the batch, BatchNorm uses the
-statistics of the whole batch (:mod:`oscar_common.sync_batchnorm`), the loss is scaled so that DDP's
+statistics of the whole batch (:mod:`oscar_common.training.sync_batchnorm`), the loss is scaled so that DDP's
 gradient average is the gradient of the global batch's mean loss, and the epoch's loss and accuracy are
 summed over processes. So 1 and N processes take the same steps (up to float rounding).
 
@@ -31,13 +31,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from oscar_common.augmentation import model_inputs, plan_epoch
+from oscar_common.training.augmentation import model_inputs, plan_epoch
 from oscar_common.choices import TRAIN_PRECISIONS
-from oscar_common.checkpoint import TrainingProgress, load_checkpoint, snapshot_checkpoint, write_checkpoint
-from oscar_common.image_cache import ImageCache
+from oscar_common.training.checkpoint import TrainingProgress, load_checkpoint, snapshot_checkpoint, write_checkpoint
+from oscar_common.training.image_cache import ImageCache
 from oscar_common.logs import progress
-from oscar_common.recipes import Recipe
-from oscar_common.sync_batchnorm import synchronise_batchnorm
+from oscar_common.training.recipes import Recipe
+from oscar_common.training.sync_batchnorm import synchronise_batchnorm
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Mapping, Sequence
 
-from oscar_common.data import IMAGE_EXTENSIONS, DataDirError, Sample, stratified_split
+from oscar_common.data.local import IMAGE_EXTENSIONS, DataDirError, Sample, stratified_split
 from oscar_common.node_config import NodeConfig
 
-logger = logging.getLogger("oscar_common.benchmarks")
+logger = logging.getLogger("oscar_common.data.datasets")
 
 
 class BenchmarkError(DataDirError):

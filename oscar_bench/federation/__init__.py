@@ -1,0 +1,1 @@
+"""Whole federations measured, with Flower: clients per minute and memory from 10 to 1,000 clients (``scale``), and what one poll of Flower's message store costs (``flower_sweep``). The rest of the bench runs without Flower."""
