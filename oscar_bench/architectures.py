@@ -30,11 +30,11 @@ from torch import nn
 from torchvision import models
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_demo import tiny as tiny_models
 
 log = logging.getLogger(__name__)
 
-CLIP_MAX_LENGTH = 77
 
 
 @dataclass
@@ -64,7 +64,7 @@ def clip_text_config(tokenizer: CLIPTokenizer, *, hidden: int, layers: int, head
                       projection: int) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
                           num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+                          max_position_embeddings=CLIP_CONTEXT_LENGTH, hidden_act="quick_gelu",
                           projection_dim=projection, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 

@@ -39,7 +39,8 @@ from oscar_common.models.loading import (
     load_diffusion_text_encoder,
     text_embedding_dim,
 )
-from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
+from oscar_common.models.text_encoding import encode_pooled, encode_tokens
 
 __all__ = ["EncodedClient", "encode_client"]
 

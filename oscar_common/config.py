@@ -23,6 +23,7 @@ from oscar_common.choices import (
     TRAIN_RECIPES,
     TRANSPORT_DTYPES,
 )
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH, CLIP_PROMPT_TOKENS
 from oscar_common.node_config import BenchmarkKeys
 from oscar_common.settings import Rule, SettingsError, above, at_least, one_of, parse_settings, setting, settings_dict
 
@@ -94,8 +95,8 @@ class OscarConfig(BenchmarkKeys):
                                   "aircraft_carrier becomes \"aircraft carrier\"); {prompt} alone conditions on the "
                                   "uploaded embedding only")
     inversion_tokens: int = setting(16, "hard-prompt inversion: tokens per prompt (Wen et al. 2023)",
-                                    Rule("between 1 and 75 (CLIP's 77 positions less BOS and EOS)",
-                                         lambda v: 1 <= v <= 75))
+                                    Rule(f"between 1 and {CLIP_PROMPT_TOKENS} (CLIP's {CLIP_CONTEXT_LENGTH} positions less BOS and EOS)",
+                                         lambda v: 1 <= v <= CLIP_PROMPT_TOKENS))
     inversion_steps: int = setting(1000, "hard-prompt inversion: optimisation steps", at_least(1))
     inversion_lr: float = setting(0.1, "hard-prompt inversion: learning rate (Wen et al. 2023)", above(0))
     # --- classes and client-side encoding ---

@@ -21,12 +21,13 @@ import numpy as np
 from oscar_common.choices import TRANSPORT_DTYPES
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.files import safe_filename
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 
 if TYPE_CHECKING:
     from oscar_common.wire import TrainInstruction
 
 FORMAT_VERSION = 2
-TOKEN_SEQUENCE_LENGTH = 77  # CLIP's context length, which Stable Diffusion 1.x/2.x is conditioned on
+TOKEN_SEQUENCE_LENGTH = CLIP_CONTEXT_LENGTH  # a tokens upload's rows: what Stable Diffusion 1.x/2.x is conditioned on
 
 UPLOAD_ARRAYS = ("class_ids", "means")  # always present
 COUNTS_ARRAY = "counts"  # only with share-counts

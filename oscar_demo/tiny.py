@@ -55,7 +55,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from oscar_common.models.loading import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
-from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,6 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # annotations only: the callers load the models, and importing them here costs seconds
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-# CLIP's context length: every SD 1.x / 2.x text encoder's positions, so the rows of a ``tokens`` embedding.
-# The encoders below read it from the model or tokenizer they are given; this names it where none is at hand.
-CLIP_CONTEXT_LENGTH = 77
-
 
 @torch.inference_mode()
 def encode_pooled(

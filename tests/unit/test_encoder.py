@@ -27,7 +27,8 @@ from oscar_common.models.loading import (
     load_clip_text_encoder,
     load_diffusion_text_encoder,
 )
-from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled, encode_tokens
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
+from oscar_common.models.text_encoding import encode_pooled, encode_tokens
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN, install_tiny_blip2
 
 CPU = torch.device("cpu")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from oscar_common.models.loading import load_clip_text_encoder
-from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH, encode_pooled
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
+from oscar_common.models.text_encoding import encode_pooled
 from oscar_demo.tiny import save_tiny_clip
 import oscar_common.models.inversion as inversion
 from oscar_common.models.inversion import (

@@ -20,7 +20,7 @@ from transformers import (
 
 from oscar_client.captioning import Captioner
 import oscar_common.models.loading as models
-from oscar_common.models.text_encoding import CLIP_CONTEXT_LENGTH
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_demo.tiny import (
     BLIP2_ID,
     CAPTIONER_ID,
