@@ -14,20 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Callable, Generic
 
 from oscar_common.config import OscarConfig
 from oscar_server.stages import synthesize, train
 from oscar_server.stages.fingerprint import stage_summary_path
+from oscar_server.stages.summary import SummaryT
 from oscar_server.run_dir import RunDirectory
-
-
-class StageSummary(Protocol):
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> Any: ...
-
-
-SummaryT = TypeVar("SummaryT", bound=StageSummary)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_
 from oscar_common.files import atomic_write_json
 from oscar_common.models.loading import load_diffusion_pipeline
 from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
+from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
 from oscar_server.stages.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
@@ -52,7 +53,7 @@ PLAIN_ERRORS = (StageSettingsChanged, FileNotFoundError)
 
 
 @dataclass
-class SynthesisSummary:
+class SynthesisSummary(StageSummary):
     """What the stage did; also ``stages/synthesis-summary.json``, so a multi-process launch can hand it back."""
 
     scheme: str
@@ -69,13 +70,6 @@ class SynthesisSummary:
     prompts: list[dict[str, Any]] = field(default_factory=list)  # prompts.json's records (pooled)
     peak_memory_gb: float | None = None  # largest GPU memory peak of a process, inversion included; None off CUDA
     stage: str = STAGE
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "SynthesisSummary":
-        return cls(**record)
 
 
 def summary_path(run_dir: RunDirectory) -> Path:

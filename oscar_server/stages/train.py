@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,6 +48,7 @@ from oscar_server.stages.fingerprint import (
     stage_settings_path,
     stage_summary_path,
 )
+from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stages.cli import on_first_process, run_stage_command
@@ -73,7 +74,7 @@ PLAIN_ERRORS = (StageSettingsChanged, SyntheticSetIncomplete, FileNotFoundError,
 
 
 @dataclass
-class TrainingSummary:
+class TrainingSummary(StageSummary):
     """``<run dir>/stages/training-summary.json``: what was trained, on what, how fast, where."""
 
     status: str  # "trained", or "reused" (a finished model with the same settings was found)
@@ -104,13 +105,6 @@ class TrainingSummary:
     peak_memory_gb: float | None = None  # GPU memory peak of the first process (image cache included); None off CUDA
 
     stage: str = STAGE
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "TrainingSummary":
-        return cls(**record)
 
 
 def summary_path(run_dir: RunDirectory) -> Path:
