@@ -23,6 +23,10 @@ from typing import Any, Sequence
 
 from flwr.common.config import parse_config_args
 
+from oscar_common.data.local import ImageListDataset
+from oscar_common.devices import resolve_device
+from oscar_common.files import atomic_write_json
+from oscar_common.logs import setup_logging
 from oscar_common.node_settings import NodeSettings
 from oscar_common.training.classifier import (
     ARCHITECTURE,
@@ -31,13 +35,9 @@ from oscar_common.training.classifier import (
     evaluate_classifier,
     save_classifier,
 )
-from oscar_common.devices import resolve_device
-from oscar_common.data.local import ImageListDataset
-from oscar_common.files import atomic_write_json
 from oscar_common.training.image_cache import decode_images
-from oscar_common.logs import setup_logging
-from oscar_common.training.recipes import resolve_recipe
 from oscar_common.training.loop import train_classifier
+from oscar_common.training.recipes import resolve_recipe
 
 # Random crops and flips, StepLR(7, 0.1): the recipe these baselines have always used (epochs, batch size
 # and lr are their own arguments).

@@ -29,9 +29,9 @@ from typing import Any, Mapping
 
 import torch
 
-from oscar_common.training.classifier import build_classifier
 from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.files import atomic_write_bytes, atomic_write_json
+from oscar_common.training.classifier import build_classifier
 
 ACCURACY_METHODS = ("FedAvg", "OSCAR", "Centralized")  # the order of Table I's rows
 FLOAT32_BYTES = 4

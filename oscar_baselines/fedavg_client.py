@@ -19,14 +19,14 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METRICS_KEY
+from oscar_common.data.local import ImageListDataset
+from oscar_common.devices import resolve_device
+from oscar_common.logs import setup_logging
 from oscar_common.node_settings import NodeSettings
 from oscar_common.training.classifier import build_classifier, eval_transform, evaluate_classifier
-from oscar_common.devices import resolve_device
-from oscar_common.data.local import ImageListDataset
 from oscar_common.training.image_cache import decode_images
-from oscar_common.logs import setup_logging
-from oscar_common.training.recipes import resolve_recipe
 from oscar_common.training.loop import train_classifier
+from oscar_common.training.recipes import resolve_recipe
 
 log = logging.getLogger("oscar.fedavg.client")
 app = ClientApp()

@@ -30,9 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METRICS_KEY, FedAvgConfig
-from oscar_common.training.classifier import ARCHITECTURE, build_classifier, save_classifier
 from oscar_common.files import atomic_write_json
 from oscar_common.logs import setup_logging
+from oscar_common.training.classifier import ARCHITECTURE, build_classifier, save_classifier
 from oscar_common.wire import wire_size
 
 log = logging.getLogger("oscar.fedavg")

@@ -23,7 +23,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 import torch
 
 from oscar_bench.client import random_blip_base, write_photo_jpegs

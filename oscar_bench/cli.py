@@ -27,9 +27,9 @@ import torch
 
 from oscar_bench.context import Context
 from oscar_bench.report import Document
-from oscar_bench.workload import SCALES
 from oscar_bench.sections import SECTIONS
 from oscar_bench.timing import Budget
+from oscar_bench.workload import SCALES
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory, resolve_device
 from oscar_server.stages.generation import generation_dtype

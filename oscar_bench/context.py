@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from oscar_bench.report import Document
-from oscar_bench.workload import Scale
 from oscar_bench.timing import Budget
+from oscar_bench.workload import Scale
 from oscar_common.config import OscarConfig
 
 

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from oscar_client.caption_cache import CaptionCache, file_digests
 from oscar_common.data.local import UNREADABLE, open_rgb
 from oscar_common.devices import free_device_memory
-from oscar_common.models.loading import captioner_type
 from oscar_common.logs import progress
+from oscar_common.models.loading import captioner_type
 
 log = logging.getLogger(__name__)
 

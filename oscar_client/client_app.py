@@ -26,12 +26,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from oscar_client.policy import ClientPolicy
-from oscar_common.training.classifier import classifier_from_bytes, evaluate_classifier
 from oscar_common.data.local import ImageListDataset
 from oscar_common.devices import resolve_device
 from oscar_common.files import atomic_write_bytes, safe_filename, write_shared_copy
 from oscar_common.logs import setup_logging
 from oscar_common.node_settings import NodeSettings
+from oscar_common.training.classifier import classifier_from_bytes, evaluate_classifier
 from oscar_common.training.recipes import Preprocessing, standard_preprocessing
 from oscar_common.wire import (
     ClientFailure,

@@ -31,6 +31,7 @@ from oscar_common.choices import SCHEMES
 from oscar_common.data.local import Sample
 from oscar_common.devices import free_device_memory
 from oscar_common.logs import progress
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_common.models.loading import (
     checkpoint_revision,
     load_captioner_model,
@@ -39,7 +40,6 @@ from oscar_common.models.loading import (
     load_diffusion_text_encoder,
     text_embedding_dim,
 )
-from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_common.models.text_encoding import encode_pooled, encode_tokens
 
 __all__ = ["EncodedClient", "encode_client"]

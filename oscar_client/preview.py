@@ -44,8 +44,8 @@ from oscar_client.upload import PreparedUpload, prepare_upload
 from oscar_common.config import OscarConfig
 from oscar_common.devices import resolve_device, resolve_dtype
 from oscar_common.files import atomic_write_bytes, atomic_write_json
-from oscar_common.models.inversion import invert_embeddings
 from oscar_common.logs import setup_logging
+from oscar_common.models.inversion import invert_embeddings
 from oscar_common.models.loading import (
     ModelNotFoundError,
     check_diffusion_pipeline_files,

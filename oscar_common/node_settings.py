@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from oscar_common.data.datasets import benchmark_client_name, load_benchmark_partition
 from oscar_common.config import OscarConfig
+from oscar_common.data.datasets import benchmark_client_name, load_benchmark_partition
 from oscar_common.data.local import Sample, load_client_split, scan_image_folder
 from oscar_common.node_config import NodeConfig, node_values
 

@@ -54,8 +54,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from oscar_common.models.loading import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
 from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
+from oscar_common.models.loading import STAND_IN_MARKER  # the file that says "stand-in"; report.md reads it
 
 log = logging.getLogger(__name__)
 

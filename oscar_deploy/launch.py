@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
 from oscar_deploy import certs
-import tomli_w
 
 SUPERLINK_PORT = 8000  # Flower's default: Fleet, Control and Runtime APIs share it
 SUPERNODE_PORT = 9094  # the SuperNode's local Runtime API (its ClientApp processes connect there)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from oscar_common.training.classifier import imagenet_weights_path
 from oscar_common.config import OscarConfig
 from oscar_common.models.loading import ModelNotFoundError, check_diffusion_pipeline_files, text_embedding_dim
+from oscar_common.training.classifier import imagenet_weights_path
 
 log = logging.getLogger("oscar.server")
 

@@ -22,8 +22,8 @@ from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models.loading import stand_in_note
 from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
-from oscar_server.strategy import RunState
 from oscar_server.stages.synthesis_jobs import synthetic_images
+from oscar_server.strategy import RunState
 
 # samples.png stays readable with 100 clients: at most this many columns (clients) and rows (classes).
 SAMPLE_COLUMNS = 12

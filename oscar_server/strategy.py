@@ -53,8 +53,8 @@ from oscar_common.wire import (
 )
 from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stages.stage import SYNTHESIS, TRAINING
 from oscar_server.stages.launcher import run_stage
+from oscar_server.stages.stage import SYNTHESIS, TRAINING
 from oscar_server.stages.synthesize import SynthesisSummary
 from oscar_server.stages.train import TrainingSummary
 

@@ -34,8 +34,8 @@ import platform
 import re
 import shutil
 import signal
-import sys
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field

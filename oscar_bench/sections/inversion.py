@@ -21,7 +21,7 @@ from oscar_bench.project import stage_cuda_settings
 from oscar_bench.report import Column, RatioSpec
 from oscar_bench.timing import timed
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory
-from oscar_server.stages.prompts import invert_targets, inversion_chunk
+from oscar_server.stages.prompts import inversion_chunk, invert_targets
 
 COLUMNS = (Column("run", "name"), Column("targets", "targets"), Column("steps", "steps"),
            Column("check every", "eval_every"), Column("checks", "evals"), Column("seconds", "seconds"),

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from oscar_common.logs import progress
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 
+from oscar_common.logs import progress
 from oscar_common.models.text_encoding import encode_pooled
 
 logger = logging.getLogger(__name__)

@@ -31,11 +31,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from oscar_common.training.augmentation import model_inputs, plan_epoch
 from oscar_common.choices import TRAIN_PRECISIONS
+from oscar_common.logs import progress
+from oscar_common.training.augmentation import model_inputs, plan_epoch
 from oscar_common.training.checkpoint import TrainingProgress, load_checkpoint, snapshot_checkpoint, write_checkpoint
 from oscar_common.training.image_cache import ImageCache
-from oscar_common.logs import progress
 from oscar_common.training.recipes import Recipe
 from oscar_common.training.sync_batchnorm import synchronise_batchnorm
 

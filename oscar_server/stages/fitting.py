@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from oscar_common.training.classifier import build_classifier
 from oscar_common.config import OscarConfig
+from oscar_common.training.classifier import build_classifier
 from oscar_common.training.image_cache import ImageCache, decode_images, decode_workers
-from oscar_common.training.recipes import Recipe, resolve_recipe
 from oscar_common.training.loop import TrainStats, train_classifier
+from oscar_common.training.recipes import Recipe, resolve_recipe
 
 
 def training_recipe(cfg: OscarConfig) -> Recipe:

@@ -23,7 +23,7 @@ from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory
 from oscar_common.files import atomic_write_json
-from oscar_common.models.inversion import InvertedPrompt, invert_embeddings, inversion_chunk_size
+from oscar_common.models.inversion import InvertedPrompt, inversion_chunk_size, invert_embeddings
 from oscar_common.models.loading import load_clip_text_encoder
 from oscar_common.upload_rules import Upload
 from oscar_server.stages.synthesis_jobs import UploadRow, prompt_class_name, row_means

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Callable, Generic
 
 from oscar_common.config import OscarConfig
+from oscar_server.run_dir import RunDirectory
 from oscar_server.stages import synthesize, train
 from oscar_server.stages.fingerprint import stage_summary_path
 from oscar_server.stages.summary import SummaryT
-from oscar_server.run_dir import RunDirectory
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_json
 from oscar_common.models.loading import load_diffusion_pipeline
-from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
-from oscar_server.stages.summary import StageSummary
-from oscar_server.stages.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
-from oscar_server.stages.prompts import decode_prompts
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stages.cli import on_first_process, run_stage_command
+from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
+from oscar_server.stages.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
+from oscar_server.stages.prompts import decode_prompts
+from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
 
 log = logging.getLogger("oscar.synthesis")

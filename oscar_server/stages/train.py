@@ -37,10 +37,12 @@ import torch.distributed as dist
 from accelerate import PartialState
 from safetensors import safe_open
 
-from oscar_common.training.classifier import ARCHITECTURE, classifier_to_bytes
 from oscar_common.config import OscarConfig
 from oscar_common.devices import peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_bytes, atomic_write_json, safe_filename
+from oscar_common.training.classifier import ARCHITECTURE, classifier_to_bytes
+from oscar_server.run_dir import RunDirectory
+from oscar_server.stages.cli import on_first_process, run_stage_command
 from oscar_server.stages.fingerprint import (
     StageSettingsChanged,
     check_stage_settings,
@@ -48,10 +50,8 @@ from oscar_server.stages.fingerprint import (
     stage_settings_path,
     stage_summary_path,
 )
-from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.fitting import decode_training_images, fit_classifier, new_classifier, training_recipe
-from oscar_server.run_dir import RunDirectory
-from oscar_server.stages.cli import on_first_process, run_stage_command
+from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.synthesis_jobs import synthetic_images
 
 log = logging.getLogger("oscar.train")

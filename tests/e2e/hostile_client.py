@@ -11,8 +11,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from oscar_common.wire import (UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, TrainInstruction, Upload, instruction_record,
-                               upload_content)
+from oscar_common.wire import (
+    UPLOAD_ARRAYS_KEY,
+    UPLOAD_META_KEY,
+    TrainInstruction,
+    Upload,
+    instruction_record,
+    upload_content,
+)
 
 app = ClientApp()
 DIM = 512

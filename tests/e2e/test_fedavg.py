@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from oscar_common.training.classifier import build_classifier, classifier_from_bytes
 from oscar_common.data.local import load_client_split
+from oscar_common.training.classifier import build_classifier, classifier_from_bytes
 from oscar_demo.demo_data import DIGIT_NAMES
 from oscar_demo.federation import PROJECT_DIR, ClientSpec, LocalFederation
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from e2e_support import hub_env
 from PIL import Image
 
-from e2e_support import hub_env
 from oscar_common.config import OscarConfig
 from oscar_demo.demo import demo_run_config
 from oscar_demo.federation import ClientSpec, LocalFederation, descendants, signal_pids, wait_until

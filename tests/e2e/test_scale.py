@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e_support import FAST, hub_env
 from PIL import Image
 
-from e2e_support import FAST, hub_env
 from oscar_demo.demo_data import DIGIT_NAMES, make_digit_tree
 from oscar_demo.federation import LocalFederation, descendants, is_running, wait_until
 from oscar_demo.watchdog import process_stat, session_members

@@ -12,14 +12,16 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
 from oscar_baselines.centralized import client_settings, run_centralized
-from oscar_baselines.compare import compare, fedcado_upload_bytes, main as compare_main
-from oscar_common.conditioning import conditioning_sentence
+from oscar_baselines.compare import compare, fedcado_upload_bytes
+from oscar_baselines.compare import main as compare_main
 from oscar_baselines.fedavg_config import FedAvgConfig
 from oscar_baselines.fedavg_server import MeasuredFedAvg, NotEnoughClientsError
-from oscar_common.training.classifier import build_classifier, classifier_from_bytes
+from oscar_common.conditioning import conditioning_sentence
 from oscar_common.data.local import load_client_split
 from oscar_common.settings import coerce, declared_settings
+from oscar_common.training.classifier import build_classifier, classifier_from_bytes
 from oscar_demo.demo_data import DIGIT_NAMES, make_demo_data
+
 
 def _state_dict_bytes(num_classes: int) -> int:
     return sum(t.numel() * t.element_size() for t in build_classifier(num_classes).state_dict().values())

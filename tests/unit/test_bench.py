@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import oscar_server.stages.generation as generation
 from oscar_bench import cli, project
 from oscar_bench.architectures import build_diffusion
 from oscar_bench.sections import SECTIONS
 from oscar_bench.sections.inversion import checks, cost_model
 from oscar_bench.sections.synthesis import count_flops
 from oscar_common.config import OscarConfig
-import oscar_server.stages.generation as generation
 from oscar_server.stages.generation import generate_images, prepare_pipeline
 
 REPO = Path(__file__).resolve().parents[2]

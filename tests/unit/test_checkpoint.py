@@ -13,8 +13,8 @@ from PIL import Image
 from oscar_common.training.checkpoint import load_checkpoint
 from oscar_common.training.classifier import build_classifier
 from oscar_common.training.image_cache import ImageCache, decode_images
-from oscar_common.training.recipes import resolve_recipe
 from oscar_common.training.loop import train_classifier
+from oscar_common.training.recipes import resolve_recipe
 
 # Random crops and flips (reseeding must cover them) and an lr step after epoch 2 (it must survive too).
 RECIPE = dataclasses.replace(resolve_recipe("augmented", epochs=3, lr=0.01, batch_size=8), lr_step_epochs=2)

@@ -23,8 +23,8 @@ from oscar_common.training.classifier import (
     save_classifier,
 )
 from oscar_common.training.image_cache import decode_images
-from oscar_common.training.recipes import resolve_recipe
 from oscar_common.training.loop import train_classifier
+from oscar_common.training.recipes import resolve_recipe
 
 
 @pytest.fixture(scope="module")

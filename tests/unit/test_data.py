@@ -22,7 +22,13 @@ from oscar_common.data.local import (
     stratified_split,
 )
 from oscar_demo.demo_data import (
-    CLIENTS, DIGIT_NAMES, MARKER, digit_assignment, main, make_demo_data, make_digit_tree,
+    CLIENTS,
+    DIGIT_NAMES,
+    MARKER,
+    digit_assignment,
+    main,
+    make_demo_data,
+    make_digit_tree,
 )
 
 

@@ -17,17 +17,17 @@ from PIL import Image
 from oscar_client import captioning
 from oscar_client import encoder as encoder_module
 from oscar_client.caption_cache import FILE_NAME, CaptionCache
-from oscar_client.captioning import CaptionInputs, Captioner
+from oscar_client.captioning import Captioner, CaptionInputs
 from oscar_client.class_accumulator import ClassAccumulator
 from oscar_client.encoder import EncodedClient, encode_client
 from oscar_common.data.local import Sample, scan_image_folder
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_common.models.loading import (
     load_captioner_model,
     load_captioner_processor,
     load_clip_text_encoder,
     load_diffusion_text_encoder,
 )
-from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_common.models.text_encoding import encode_pooled, encode_tokens
 from oscar_demo.tiny import BLIP2_ID, CAPTIONER_ID, CLIP_ID, DIFFUSION_ID, TEXT_HIDDEN, install_tiny_blip2
 

@@ -9,18 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from oscar_common.models.loading import load_clip_text_encoder
-from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
-from oscar_common.models.text_encoding import encode_pooled
-from oscar_demo.tiny import save_tiny_clip
 import oscar_common.models.inversion as inversion
+from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_common.models.inversion import (
     CPU_CHUNK_SIZE,
     end_token_embeds,
-    invert_embeddings,
     inversion_chunk_size,
+    invert_embeddings,
     projected_text_embeds,
 )
+from oscar_common.models.loading import load_clip_text_encoder
+from oscar_common.models.text_encoding import encode_pooled
+from oscar_demo.tiny import save_tiny_clip
 
 PROMPT_TOKENS = 8
 

@@ -18,8 +18,8 @@ from transformers import (
     CLIPTextModelWithProjection,
 )
 
-from oscar_client.captioning import Captioner
 import oscar_common.models.loading as models
+from oscar_client.captioning import Captioner
 from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
 from oscar_demo.tiny import (
     BLIP2_ID,

@@ -11,10 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from oscar_common.training.classifier import eval_transform
-from oscar_common.config import OscarConfig
 from oscar_common.choices import TRAIN_RECIPES
-from oscar_common.training.recipes import RECIPES, Preprocessing, eval_preprocessing, resolve_recipe, standard_preprocessing
+from oscar_common.config import OscarConfig
+from oscar_common.training.classifier import eval_transform
+from oscar_common.training.recipes import (
+    RECIPES,
+    Preprocessing,
+    eval_preprocessing,
+    resolve_recipe,
+    standard_preprocessing,
+)
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

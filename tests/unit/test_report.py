@@ -13,11 +13,11 @@ from PIL import Image
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Evaluation, Upload
 from oscar_server import report as report_module
+from oscar_server.outcomes import ClientOutcome, Rejection
 from oscar_server.report import SAMPLE_COLUMNS, SAMPLE_ROWS, build_report, render_markdown, status_line, write_report
 from oscar_server.run_dir import RunDirectory
-from oscar_server.outcomes import ClientOutcome, Rejection
-from oscar_server.strategy import RunState
 from oscar_server.stages.synthesis_jobs import SynthesisJob
+from oscar_server.strategy import RunState
 
 CLASSES = tuple(f"class_{i}" for i in range(25))
 

@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 
 from oscar_client.policy import ClientPolicy
+from oscar_common.config import OscarConfig
 from oscar_common.data.datasets import BenchmarkError
 from oscar_common.data.datasets.common import BenchmarkOptions
-from oscar_common.config import OscarConfig
 from oscar_common.node_config import NodeConfig
 from oscar_common.node_settings import NodeSettings
 from oscar_common.settings import (
-    DOCS, REGENERATE, SettingsError, Validated, at_least, declared_settings, parse_settings, render_docs, setting,
+    DOCS,
+    REGENERATE,
+    SettingsError,
+    Validated,
+    at_least,
+    declared_settings,
+    parse_settings,
+    render_docs,
+    setting,
 )
 
 

@@ -20,12 +20,22 @@ from safetensors import safe_open
 from oscar_common.config import OscarConfig
 from oscar_common.dp_calibration import MECHANISM, NEIGHBOURING, gaussian_sigma, mean_sensitivity
 from oscar_common.run_config import main as run_config_main
-from oscar_common.wire import (EVALUATE_MESSAGE_TYPE, IDENTIFY_MESSAGE_TYPE, TRAIN_MESSAGE_TYPE, ClientFailure,
-                               DpRecord, Evaluation, Identity, Upload, model_record, upload_content)
-from oscar_server.report import build_report
-from oscar_server.run_dir import FinishedRunError, RunDirectory
+from oscar_common.wire import (
+    EVALUATE_MESSAGE_TYPE,
+    IDENTIFY_MESSAGE_TYPE,
+    TRAIN_MESSAGE_TYPE,
+    ClientFailure,
+    DpRecord,
+    Evaluation,
+    Identity,
+    Upload,
+    model_record,
+    upload_content,
+)
 from oscar_server import strategy as strategy_module
 from oscar_server.outcomes import ClientOutcome, Rejection
+from oscar_server.report import build_report
+from oscar_server.run_dir import FinishedRunError, RunDirectory
 from oscar_server.strategy import NotEnoughClientsError, OscarStrategy
 
 RAY_TRACEBACK = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1234)\nTraceback (most recent call last):\n"

@@ -12,10 +12,10 @@ import torch
 from diffusers.utils.torch_utils import is_compiled_module
 from PIL import Image
 
+import oscar_server.stages.generation as generation
 from oscar_common.models.loading import load_diffusion_pipeline
 from oscar_common.wire import Upload
 from oscar_demo.tiny import save_tiny_stable_diffusion
-import oscar_server.stages.generation as generation
 from oscar_server.stages.generation import generate_images as _generate_images
 from oscar_server.stages.image_writer import PngWriter
 from oscar_server.stages.synthesis_jobs import (

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import oscar_server.stages.launcher as stage_launcher
 from oscar_common.config import OscarConfig
 from oscar_common.wire import Upload
-import oscar_server.stages.launcher as stage_launcher
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stages.stage import SYNTHESIS, TRAINING
 from oscar_server.stages.launcher import StageFailed, launch_command, run_stage
+from oscar_server.stages.stage import SYNTHESIS, TRAINING
 from oscar_server.stages.synthesize import main, synthesize_run
 
 CLASSES = "aircraft_carrier,cat,dog"

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 import oscar_common.training.loop
-from oscar_common.training.classifier import classifier_from_bytes
 from oscar_common.config import OscarConfig
+from oscar_common.training.classifier import classifier_from_bytes
 from oscar_common.wire import Upload
-from oscar_server.stages.fingerprint import StageSettingsChanged
 from oscar_server.outcomes import Rejection
 from oscar_server.run_dir import RunDirectory
-from oscar_server.stages.stage import TRAINING
+from oscar_server.stages.fingerprint import StageSettingsChanged
 from oscar_server.stages.launcher import run_stage
+from oscar_server.stages.stage import TRAINING
 from oscar_server.stages.train import SyntheticSetIncomplete, main, train_run
 
 CLASSES = ("cat", "dog", "sea_horse")

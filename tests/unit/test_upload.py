@@ -20,8 +20,8 @@ from oscar_client.preview import PreviewRequired, build_preview, check_preview_a
 from oscar_client.privacy import clipped_mean, gaussian_sigma
 from oscar_client.upload import prepare_upload, record_release
 from oscar_common.config import OscarConfig
-from oscar_common.node_settings import NodeSettings
 from oscar_common.models.text_encoding import encode_tokens
+from oscar_common.node_settings import NodeSettings
 from oscar_common.wire import FAILURE_KEY, UPLOAD_ARRAYS_KEY, UPLOAD_META_KEY, train_content, upload_content
 from oscar_demo.demo_data import DIGIT_NAMES
 

@@ -19,7 +19,13 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from oscar_common.data.datasets.common import (
-    Benchmark, BenchmarkError, BenchmarkOptions, ClientPartition, logger, select_classes, take_shots,
+    Benchmark,
+    BenchmarkError,
+    BenchmarkOptions,
+    ClientPartition,
+    logger,
+    select_classes,
+    take_shots,
 )
 from oscar_common.data.datasets.domainnet import DomainNet
 from oscar_common.data.datasets.folders import DomainFolders, LabelSkew, OpenImage

@@ -20,7 +20,13 @@ from typing import Iterator
 import numpy as np
 
 from oscar_common.data.datasets.common import (
-    Benchmark, BenchmarkError, image_parts_under, images_under, logger, numbered_clients, subfolders,
+    Benchmark,
+    BenchmarkError,
+    image_parts_under,
+    images_under,
+    logger,
+    numbered_clients,
+    subfolders,
 )
 from oscar_common.data.local import Sample, _class_seed
 

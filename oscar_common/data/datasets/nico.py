@@ -23,7 +23,13 @@ from functools import cached_property
 from pathlib import Path
 
 from oscar_common.data.datasets.common import (
-    Benchmark, BenchmarkError, ListEntry, find_split_file, logger, numbered_clients, read_list_file,
+    Benchmark,
+    BenchmarkError,
+    ListEntry,
+    find_split_file,
+    logger,
+    numbered_clients,
+    read_list_file,
 )
 from oscar_common.data.local import Sample
 
