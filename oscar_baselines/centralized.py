@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from flwr.common.config import parse_config_args
 
+from oscar_common.accuracy import client_mean_accuracy, overall_accuracy
 from oscar_common.data.local import ImageListDataset
 from oscar_common.devices import resolve_device
 from oscar_common.files import atomic_write_json
@@ -92,7 +93,6 @@ def run_centralized(
             "test_accuracy": result.accuracy, "num_test": result.n, "unreadable_test_images": result.unreadable,
             "per_class_accuracy": {class_names[c]: round(a, 4) for c, a in sorted(result.per_class_accuracy.items())},
         })
-    n_test = sum(r["num_test"] for r in results)
     report = {
         "method": "centralized",
         "status": "completed",
@@ -104,8 +104,8 @@ def run_centralized(
         "training": {"images": len(train_set), "unreadable_images": len(train_set.unreadable), "epochs": epochs,
                      "seconds": round(stats.seconds, 2),
                      "train_accuracy": stats.train_accuracy, "losses": [round(x, 5) for x in stats.losses]},
-        "accuracy": {"mean": sum(r["test_accuracy"] for r in results) / len(results),
-                     "weighted": sum(r["test_accuracy"] * r["num_test"] for r in results) / n_test},
+        "accuracy": {"mean": client_mean_accuracy([r["test_accuracy"] for r in results]),
+                     "weighted": overall_accuracy([(r["test_accuracy"], r["num_test"]) for r in results])},
         "timings_seconds": {"total": round(time.monotonic() - started, 2)},
     }
     if out_dir is not None:

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from oscar_common.accuracy import client_mean_accuracy, overall_accuracy
 from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.training.classifier import build_classifier
@@ -70,14 +71,12 @@ def compare(oscar: Mapping[str, Any] | None = None, fedavg: Mapping[str, Any] | 
         evaluated = [by_client[name] for name in clients
                      if by_client.get(name, {}).get("test_accuracy") is not None]
         values = [c["test_accuracy"] for c in evaluated]
-        tested = sum(c.get("num_test") or 0 for c in evaluated)
-        counted = tested and all(c.get("num_test") for c in evaluated)
+        counted = all(c.get("num_test") for c in evaluated)  # a report without test counts has no overall
         accuracy.append({
             "method": method,
             "clients": {name: by_client.get(name, {}).get("test_accuracy") for name in clients},
-            # the official "Overall": sum(correct) / sum(samples), i.e. accuracies weighted by test images
-            "overall": sum(c["test_accuracy"] * c["num_test"] for c in evaluated) / tested if counted else None,
-            "client_mean": sum(values) / len(values) if values else None,
+            "overall": overall_accuracy([(c["test_accuracy"], c["num_test"]) for c in evaluated]) if counted else None,
+            "client_mean": client_mean_accuracy(values),
             "complete": len(values) == len(clients),  # False: overall and client mean leave some clients out
         })
 

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from oscar_baselines.fedavg_config import ARRAYS_KEY, CONFIG_KEY, INFO_KEY, METRICS_KEY, FedAvgConfig
+from oscar_common.accuracy import client_mean_accuracy, overall_accuracy
 from oscar_common.files import atomic_write_json
 from oscar_common.logs import setup_logging
 from oscar_common.training.classifier import ARCHITECTURE, build_classifier, save_classifier
@@ -126,7 +127,6 @@ class MeasuredFedAvg(FedAvg):
             "upload_bytes": c.upload_bytes, "download_bytes": c.download_bytes,
         } for c in sorted(self.clients.values(), key=lambda c: c.name)]
         evaluated = [c for c in clients if c["test_accuracy"] is not None]
-        n_test = sum(c["num_test"] for c in evaluated)
         num_classes = len(self.cfg.class_names)
         return {
             "method": "fedavg",
@@ -142,8 +142,8 @@ class MeasuredFedAvg(FedAvg):
                 "errors": r.errors,
             } for r in self.rounds],
             "accuracy": {
-                "mean": sum(c["test_accuracy"] for c in evaluated) / len(evaluated) if evaluated else None,
-                "weighted": sum(c["test_accuracy"] * c["num_test"] for c in evaluated) / n_test if n_test else None,
+                "mean": client_mean_accuracy([c["test_accuracy"] for c in evaluated]),
+                "weighted": overall_accuracy([(c["test_accuracy"], c["num_test"]) for c in evaluated]),
             },
             "communication": {
                 "upload_bytes_total": sum(c["upload_bytes"] for c in clients),

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from oscar_common.accuracy import client_mean_accuracy, overall_accuracy
 from oscar_common.upload_rules import Upload
 
 if TYPE_CHECKING:  # a type only: the run directory stores rejections and stays free of Flower's modules
@@ -77,9 +78,8 @@ def tally(clients: Iterable[ClientOutcome], rejections: Iterable[Rejection]) -> 
         evaluated=len(evaluations),
         rejected=len(list(rejections)),
         test_images=test_images,
-        mean_accuracy=sum(e.accuracy for e in evaluations) / len(evaluations) if evaluations else None,
-        weighted_accuracy=(sum(e.accuracy * e.num_examples for e in evaluations) / test_images
-                           if test_images else None),
+        mean_accuracy=client_mean_accuracy([e.accuracy for e in evaluations]),
+        weighted_accuracy=overall_accuracy([(e.accuracy, e.num_examples) for e in evaluations]),
         upload_bytes=sum(c.upload_bytes for c in clients),
         download_bytes=sum(c.download_bytes for c in clients),
     )
