@@ -66,6 +66,9 @@ class OscarConfig(BenchmarkKeys):
         at_least(1, "1 turns guidance off; the paper's s = g - 1 >= 0"))
     num_inference_steps: int = setting(50, "denoising steps T", at_least(1))
     images_per_class: int = setting(10, "synthetic images per class per client", at_least(1))
+    generate_per_class: int = setting(
+        0, "images generated per class per client; above images-per-class, the images-per-class of highest "
+           "fidelity are kept for training (pooled only; docs/fidelity.md)", at_least(0, "0: images-per-class"))
     image_resolution: int = setting(
         0, "generation size; 0: the model's native size (512 for SD 1.x)",
         Rule("0 (native) or a multiple of 8 from 64", lambda v: v == 0 or (v >= 64 and v % 8 == 0)))
@@ -195,6 +198,12 @@ class OscarConfig(BenchmarkKeys):
         """The text encoder clients must use: CLIP for ``pooled``, SD's own for ``tokens``."""
         return self.text_encoder if self.scheme == "pooled" else self.diffusion_model
 
+    @property
+    def generated_per_class(self) -> int:
+        """Images the synthesis stage generates per (client, class): ``generate-per-class``, 0 meaning
+        ``images-per-class``."""
+        return self.generate_per_class or self.images_per_class
+
     def train_instruction(self) -> "TrainInstruction":
         """What a client needs to encode its data; sent in the train message."""
         from oscar_common.wire import TrainInstruction  # Flower's records: only where messages are made
@@ -221,6 +230,13 @@ def _further_problems(cfg: OscarConfig) -> list[str]:
     if cfg.min_uploads > cfg.min_clients:
         problems.append(f"min-uploads ({cfg.min_uploads}) must be at most min-clients ({cfg.min_clients}): the round "
                         "may start with only min-clients nodes connected")
+    if 0 < cfg.generate_per_class < cfg.images_per_class:
+        problems.append(f"generate-per-class ({cfg.generate_per_class}) must be 0 or at least images-per-class "
+                        f"({cfg.images_per_class}): the stage keeps images-per-class of the images it generates")
+    if cfg.generate_per_class > cfg.images_per_class and cfg.scheme != "pooled":
+        problems.append(f"generate-per-class > images-per-class needs scheme 'pooled': with {cfg.scheme!r} the "
+                        "uploads are not in CLIP's image space, so there is no fidelity to choose the images by "
+                        "(docs/fidelity.md); set generate-per-class = 0")
     if len(set(cfg.class_names)) != len(cfg.class_names):
         problems.append(f"class-names has duplicates: {list(cfg.class_names)}")
     return problems

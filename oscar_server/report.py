@@ -1,4 +1,5 @@
-"""The run's report: ``report.json`` for machines, ``report.md`` for people, ``samples.png`` to look at.
+"""The run's report: ``report.json`` for machines, ``report.md`` for people, ``samples.png`` and
+``fidelity.png`` (:mod:`oscar_server.fidelity_report`) to look at.
 
 ``report.json`` is written last, atomically: once it exists with a final status, every other artefact
 of the run (model, report.md, samples.png) is on disk. Status: ``completed`` (every accepted client
@@ -20,6 +21,7 @@ from oscar_common.conditioning import conditioning, conditioning_sentence
 from oscar_common.config import OscarConfig
 from oscar_common.files import atomic_write_bytes, atomic_write_json
 from oscar_common.models.loading import stand_in_note
+from oscar_server.fidelity_report import fidelity_json, fidelity_markdown, render_fidelity_png
 from oscar_server.outcomes import ClientOutcome, Rejection, tally
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stages.synthesis_jobs import synthetic_images
@@ -67,6 +69,7 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
         "synthesis": None if synthesis is None else {
             "scheme": synthesis.scheme,
             "images": synthesis.images,
+            "training_images": synthesis.training_images,
             "generated_this_run": synthesis.generated,
             "seconds": round(synthesis.seconds, 2),
             "images_per_second": round(synthesis.images_per_second, 3),
@@ -77,6 +80,7 @@ def build_report(cfg: OscarConfig, state: RunState, error: str | None = None) ->
             "batch_size": synthesis.batch_size,
             "prompts": synthesis.prompts if synthesis.scheme == "pooled" else None,
         },
+        "fidelity": None if synthesis is None else fidelity_json(synthesis.fidelity, stand_ins=bool(stand_ins)),
         "training": None if training is None else {
             "status": training.status,
             "recipe": training.recipe.get("name"),
@@ -190,6 +194,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"| {p['client']} | {p['class_name']} | {_md(p['decoded'])} | {p['cosine']:.3f} |"
                       for p in syn["prompts"]]
             lines.append("")
+    lines += fidelity_markdown(report.get("fidelity"))
     if train:
         lines += ["## Training", "", f"ResNet-18, recipe `{train['recipe']}`, {train['epochs']} epochs on "
                   f"{train['images']} synthetic images ({train['unreadable_images']} unreadable skipped) in "
@@ -258,6 +263,8 @@ def write_report(cfg: OscarConfig, run_dir: RunDirectory, state: RunState,
     """Every artefact first, report.json last: a final report.json means the run's files are complete."""
     report = build_report(cfg, state, error)
     render_samples(run_dir, state, cfg.class_names)
+    if state.synthesis is not None:
+        render_fidelity_png(run_dir)
     atomic_write_bytes(run_dir.report_md, render_markdown(report).encode())
     atomic_write_json(run_dir.report_json, report)
     return report

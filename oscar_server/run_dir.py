@@ -7,10 +7,12 @@
         payloads/<client>.safetensors each accepted upload, written atomically as it arrives
         uploads.json                 written when the upload round is over: who was accepted or rejected
         prompts.json                 decoded prompts (pooled scheme), one per (client, class)
-        synthetic/<class>/<client>__c<id>__<index>.png   ImageFolder of generated images
+        synthetic/<class>/<client>__c<id>__<index>.png   ImageFolder of the images that train the model
+        synthetic-set-aside/<class>/...  generated images not kept for training (generate-per-class)
+        fidelity.json                each synthetic image against the uploads (docs/fidelity.md)
         checkpoint.safetensors       training state after the last finished epoch
         model.safetensors            the trained ResNet-18
-        report.json, report.md, samples.png
+        report.json, report.md, samples.png, fidelity.png
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ class RunDirectory:
     @property
     def synthetic_dir(self) -> Path:
         return self.root / "synthetic"
+
+    @property
+    def set_aside_dir(self) -> Path:
+        """Generated images that were not kept for training, in the layout of :attr:`synthetic_dir`."""
+        return self.root / "synthetic-set-aside"
+
+    @property
+    def fidelity_path(self) -> Path:
+        return self.root / "fidelity.json"
+
+    @property
+    def fidelity_png(self) -> Path:
+        return self.root / "fidelity.png"
 
     @property
     def prompts_path(self) -> Path:

@@ -32,10 +32,12 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipProcessor,
     CLIPConfig,
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionModelWithProjection,
 )
 
 from oscar_common.choices import SCHEDULERS
@@ -174,6 +176,45 @@ def load_clip_text_encoder(
         model = _CLIPTextTower.from_pretrained(model_id, dtype=dtype, **kwargs)
     log.info("loaded CLIP text encoder %s (projection %d) on %s", model_id, model.config.projection_dim, device)
     return tokenizer, _frozen(model, device)
+
+
+class NoVisionTowerError(RuntimeError):
+    """A CLIP checkpoint without its vision tower: images cannot be put in its joint space."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(f"CLIP model {model_id!r} has no vision tower ({reason}); the synthesis fidelity "
+                         "embeds the images with the vision tower of the CLIP whose text tower encoded the uploads "
+                         "(the run config's text-encoder): use a full CLIP checkpoint (text and vision towers, "
+                         "e.g. openai/clip-vit-base-patch32)")
+        self.model_id = model_id
+
+
+class _CLIPVisionTower(CLIPVisionModelWithProjection):
+    """CLIPVisionModelWithProjection that expects a full CLIP checkpoint: its text tower is skipped."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+
+def load_clip_vision_encoder(
+    model_id: str, device: torch.device, dtype: torch.dtype
+) -> tuple[CLIPImageProcessor, CLIPVisionModelWithProjection]:
+    """The vision tower + projection of a CLIP checkpoint and its image processor: the image side of the
+    joint space whose text side :func:`load_clip_text_encoder` loads (the server's synthesis fidelity).
+
+    A model that is not there raises :class:`ModelNotFoundError`; a checkpoint without vision weights (a
+    text-only export) raises :class:`NoVisionTowerError`: random vision weights would give figures that
+    mean nothing."""
+    kwargs = _hub_kwargs()
+    with _translate_missing(model_id):
+        if getattr(AutoConfig.from_pretrained(model_id, **kwargs), "vision_config", None) is None:
+            raise NoVisionTowerError(model_id, "its config has no vision_config")
+        processor = CLIPImageProcessor.from_pretrained(model_id, **kwargs)
+        model, info = _CLIPVisionTower.from_pretrained(model_id, dtype=dtype, output_loading_info=True, **kwargs)
+    missing = [key for key in info["missing_keys"] if key.startswith(("vision_model.", "visual_projection."))]
+    if missing:
+        raise NoVisionTowerError(model_id, f"{len(missing)} vision weights are missing, e.g. {missing[0]}")
+    log.info("loaded CLIP vision encoder %s (projection %d) on %s", model_id, model.config.projection_dim, device)
+    return processor, _frozen(model, device)
 
 
 def load_diffusion_text_encoder(

@@ -7,7 +7,9 @@
     accelerate launch --multi_gpu --num_processes 4 -m oscar_server.stages.synthesize RUN_DIR
 
 It reads the run directory only (``config.json``, the finished upload round, ``prompts.json`` if there)
-and writes ``prompts.json``, ``synthetic/<class>/<client>__c<id>__<index>.png`` and
+and writes ``prompts.json``, ``synthetic/<class>/<client>__c<id>__<index>.png``, ``fidelity.json`` (each
+image against the uploads; with ``generate-per-class`` the images not kept for training go to
+``synthetic-set-aside/``: :mod:`oscar_server.stages.synthetic_selection`) and
 ``stages/synthesis-summary.json``. It can be rerun at any time: images that exist are skipped, never
 rewritten, so a killed stage resumes where it stopped. Before it reuses anything it checks that the
 settings that shape prompts and images are those recorded when the stage first ran
@@ -34,14 +36,16 @@ from accelerate.utils import gather_object
 from oscar_common.config import OscarConfig
 from oscar_common.devices import free_device_memory, peak_memory_gb, reset_peak_memory, resolve_device
 from oscar_common.files import atomic_write_json
-from oscar_common.models.loading import load_diffusion_pipeline
+from oscar_common.models.loading import ModelNotFoundError, NoVisionTowerError, load_diffusion_pipeline
 from oscar_server.run_dir import RunDirectory
 from oscar_server.stages.cli import on_first_process, run_stage_command
+from oscar_server.stages.fidelity import FidelitySummary
 from oscar_server.stages.fingerprint import StageSettingsChanged, check_stage_settings, forget_stage, stage_summary_path
 from oscar_server.stages.generation import configure_cuda, generate_jobs, generation_dtype, prepare_generation
 from oscar_server.stages.prompts import decode_prompts
 from oscar_server.stages.summary import StageSummary
 from oscar_server.stages.synthesis_jobs import SynthesisJob, plan_jobs, row_means, upload_rows
+from oscar_server.stages.synthetic_selection import located, measure_and_select
 
 log = logging.getLogger("oscar.synthesis")
 
@@ -49,7 +53,7 @@ STAGE = "synthesis"
 BARRIER_TIMEOUT = timedelta(hours=3)
 FRESH_HINT = "oscar-synthesize RUN_DIR --fresh"
 # Errors that say what to do (said without a traceback by the command, and passed on to every process)
-PLAIN_ERRORS = (StageSettingsChanged, FileNotFoundError)
+PLAIN_ERRORS = (StageSettingsChanged, FileNotFoundError, ModelNotFoundError, NoVisionTowerError)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class SynthesisSummary(StageSummary):
     """What the stage did; also ``stages/synthesis-summary.json``, so a multi-process launch can hand it back."""
 
     scheme: str
-    images: int  # the whole synthetic set: clients x classes x images-per-class
+    images: int  # every generated image: clients x classes x generate-per-class (or images-per-class)
     generated: int  # written by this invocation (the rest existed already)
     seconds: float  # the whole stage, prompts and model loading included
     generation_seconds: float  # first image started to last image written, over all processes; no compiling
@@ -69,7 +73,16 @@ class SynthesisSummary(StageSummary):
     compile_seconds: float  # torch.compile warm-up (slowest process); 0 without compiling
     prompts: list[dict[str, Any]] = field(default_factory=list)  # prompts.json's records (pooled)
     peak_memory_gb: float | None = None  # largest GPU memory peak of a process, inversion included; None off CUDA
+    training_images: int | None = None  # kept for training (clients x classes x images-per-class); None: older
+    fidelity: FidelitySummary | None = None  # None: a summary written before fidelity was measured
     stage: str = STAGE
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "SynthesisSummary":
+        summary = super().from_dict(record)
+        if isinstance(summary.fidelity, dict):
+            summary.fidelity = FidelitySummary.from_dict(summary.fidelity)
+        return summary
 
 
 def summary_path(run_dir: RunDirectory) -> Path:
@@ -77,9 +90,9 @@ def summary_path(run_dir: RunDirectory) -> Path:
 
 
 def synthesis_settings(cfg: OscarConfig) -> dict[str, Any]:
-    """The settings that shape prompts and images (resume safety). Not here: images-per-class (image i is
-    the same image whatever the count), batch size, processes and speed switches (they move pixels by at
-    most float rounding)."""
+    """The settings that shape prompts and images (resume safety). Not here: images-per-class and
+    generate-per-class (image i is the same image whatever the count; the kept set is chosen again), batch
+    size, processes and speed switches (they move pixels by at most float rounding)."""
     keys = ["scheme", "diffusion-model", "scheduler", "guidance-scale", "num-inference-steps",
             "image-resolution", "seed", "class-names"]
     if cfg.scheme == "pooled":
@@ -89,9 +102,11 @@ def synthesis_settings(cfg: OscarConfig) -> dict[str, Any]:
 
 
 def discard_synthesis(run_dir: RunDirectory) -> None:
-    """``--fresh``: remove prompts, images, the settings record and the summary."""
+    """``--fresh``: remove prompts, images (kept and set aside), fidelity, the settings record and the summary."""
     run_dir.prompts_path.unlink(missing_ok=True)
+    run_dir.fidelity_path.unlink(missing_ok=True)
     shutil.rmtree(run_dir.synthetic_dir, ignore_errors=True)
+    shutil.rmtree(run_dir.set_aside_dir, ignore_errors=True)
     summary_path(run_dir).unlink(missing_ok=True)
     forget_stage(run_dir.root, STAGE)
     log.info("discarded the synthesis outputs in %s", run_dir.root)
@@ -130,15 +145,20 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
         conditioning = row_means(rows, payloads)
 
     # 4. The images still missing, shared out among the processes.
-    jobs = plan_jobs(rows, conditioning, class_names=cfg.class_names, images_per_class=cfg.images_per_class,
+    jobs = plan_jobs(rows, conditioning, class_names=cfg.class_names, images_per_class=cfg.generated_per_class,
                      base_seed=cfg.seed)
-    pending = [job for job in jobs if not (run_dir.synthetic_dir / job.relative_path).exists()]
+    pending = [job for job in jobs if located(run_dir, job) is None]
     log.info("synthesis: %d images, %d to generate on %d process(es)", len(jobs), len(pending), state.num_processes)
     state.wait_for_everyone()  # every process has listed what is missing before any image is written
     with state.split_between_processes(pending) as mine:
         local = _generate(mine, run_dir, cfg, device)
 
-    # 5. One summary for all processes.
+    # 5. The fidelity of every image and the training set (the main process; cheap next to generation).
+    state.wait_for_everyone()
+    fidelity = on_first_process(state, lambda: measure_and_select(run_dir, cfg, jobs, rows, payloads, device),
+                                errors=PLAIN_ERRORS)
+
+    # 6. One summary for all processes.
     shares = gather_object([local])
     working = [s for s in shares if s["generated"]]
     generation_seconds = (max(s["finished"] for s in working) - min(s["started"] for s in working)) if working else 0.0
@@ -150,7 +170,8 @@ def synthesize_run(run_dir: RunDirectory, cfg: OscarConfig, *, fresh: bool = Fal
         processes=state.num_processes, devices=[s["device"] for s in shares], dtype=local["dtype"],
         batch_size=max(s["batch_size"] for s in shares),
         compile_seconds=round(max(s["compile_seconds"] for s in shares), 2), prompts=prompts,
-        peak_memory_gb=max((s["peak_memory_gb"] for s in shares if s["peak_memory_gb"] is not None), default=None))
+        peak_memory_gb=max((s["peak_memory_gb"] for s in shares if s["peak_memory_gb"] is not None), default=None),
+        training_images=fidelity.kept, fidelity=fidelity)
     if state.is_main_process:
         atomic_write_json(summary_path(run_dir), summary.to_dict())
         log.info("synthesis done: %d images (%d generated now) in %.1f s, %.3f img/s on %s", summary.images,

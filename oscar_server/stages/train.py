@@ -175,7 +175,9 @@ def train_run(run_dir: RunDirectory | Path, cfg: OscarConfig, *, fresh: bool = F
 
 def training_images(run: RunDirectory, cfg: OscarConfig) -> list[tuple[str, int]]:
     """(path relative to the run dir, class id) of the training images, in (client, class, index) order:
-    the first ``images-per-class`` synthetic images of every client and class of the accepted uploads.
+    the first ``images-per-class`` images in ``synthetic/`` of every client and class of the accepted uploads
+    (the synthesis stage leaves there the ones it keeps: with ``generate-per-class``, those of highest
+    fidelity, whatever their index).
 
     Raises :class:`SyntheticSetIncomplete` when a client and class has fewer: training on a half-made
     synthetic set would be silently wrong.
@@ -186,7 +188,8 @@ def training_images(run: RunDirectory, cfg: OscarConfig) -> list[tuple[str, int]
     found: dict[tuple[str, int], list[Path]] = {key: [] for key in wanted}
     for image in synthetic_images(run.synthetic_dir):  # sorted by (client, class id, index)
         key = (image.client, image.class_id)
-        if key in found and image.index < cfg.images_per_class and image.path.parent.name == folders[image.class_id]:
+        in_its_folder = image.path.parent.name == folders[image.class_id]
+        if key in found and len(found[key]) < cfg.images_per_class and in_its_folder:
             found[key].append(image.path)
     short = [f"{wanted[key]}/{cfg.class_names[key[1]]}: {len(paths)}" for key, paths in found.items()
              if len(paths) < cfg.images_per_class]
