@@ -13,7 +13,8 @@ Published configs (hub ``config.json`` files, copied as numbers):
   text encoder CLIP ViT-L/14 (768 wide, 12 layers, 12 heads, MLP 3072); PNDM, scaled_linear
   0.00085..0.012, steps_offset 1.
 * CLIP ViT-B/32 text tower (``openai/clip-vit-base-patch32``): 512 wide, 12 layers, 8 heads, MLP 2048,
-  projection 512: the encoder the pooled scheme inverts against.
+  projection 512: the encoder the pooled scheme inverts against. Its vision tower: 768 wide, 12 layers,
+  12 heads, MLP 3072, patch 32 at 224, projection 512: what the server's synthesis fidelity embeds images with.
 * ResNet-18 (torchvision): the classifier the server trains.
 """
 
@@ -28,9 +29,18 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from torch import nn
 from torchvision import models
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from oscar_common.models.clip_context import CLIP_CONTEXT_LENGTH
+from oscar_common.models.loading import load_clip_vision_encoder
 from oscar_demo import tiny as tiny_models
 
 log = logging.getLogger(__name__)
@@ -133,6 +143,22 @@ def build_clip_text_tower(device: torch.device, *, tiny: bool, seed: int = 0
             model = CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden=512, layers=12, heads=8,
                                                                   mlp=2048, projection=512))
     return tokenizer, _frozen(model)
+
+
+def build_clip_vision_tower(device: torch.device, *, tiny: bool, seed: int = 0
+                            ) -> tuple[CLIPImageProcessor, CLIPVisionModelWithProjection]:
+    """CLIP ViT-B/32's vision tower with its 512-d projection and image processor (224; or the tiny ones),
+    float32 on ``device``."""
+    torch.manual_seed(seed)
+    if tiny:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = tiny_models.save_tiny_clip(Path(tmp), seed=seed)
+            return load_clip_vision_encoder(str(saved), device, torch.float32)
+    with torch.device(device):
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+            patch_size=32, projection_dim=512, hidden_act="quick_gelu"))
+    return CLIPImageProcessor(), _frozen(model)  # the processor's defaults are ViT-B/32's: 224, CLIP's mean/std
 
 
 def build_resnet18(num_classes: int, device: torch.device, seed: int = 0) -> nn.Module:

@@ -31,6 +31,9 @@ class Scale:
     # inversion
     inversion_targets: int
     inversion_steps: int  # the short runs; the long one does twice as many
+    # fidelity
+    fidelity_images: int  # vision-tower passes on ready pixels (whole batches)
+    fidelity_files: int  # PNG files (png_size) decoded, preprocessed and embedded as the stage does
     # client
     client_images: int  # at most; the client section cuts them to its time (whole batches)
 
@@ -44,13 +47,16 @@ SCALES = {
     "full": Scale("full", resolution=0, steps=0, official_images=4, official_warmup=True, project_batches=4,
                   batch_size=0, bare_pipeline=True,
                   train_images=2048, png_size=512, train_image_size=0, train_epochs=2, baseline_iterations=30,
-                  baseline_batch=256, inversion_targets=540, inversion_steps=20, client_images=2048),
+                  baseline_batch=256, inversion_targets=540, inversion_steps=20, fidelity_images=2048,
+                  fidelity_files=256, client_images=2048),
     "tiny": Scale("tiny", resolution=0, steps=4, official_images=2, official_warmup=True, project_batches=1,
                   batch_size=0, bare_pipeline=True,
                   train_images=8, png_size=48, train_image_size=32, train_epochs=1, baseline_iterations=2,
-                  baseline_batch=8, inversion_targets=12, inversion_steps=3, client_images=4),
+                  baseline_batch=8, inversion_targets=12, inversion_steps=3, fidelity_images=8, fidelity_files=4,
+                  client_images=4),
     "smoke": Scale("smoke", resolution=64, steps=2, official_images=1, official_warmup=False,
                    project_batches=1, batch_size=1, bare_pipeline=False,
                    train_images=6, png_size=64, train_image_size=64, train_epochs=1, baseline_iterations=1,
-                   baseline_batch=4, inversion_targets=4, inversion_steps=3, client_images=2),
+                   baseline_batch=4, inversion_targets=4, inversion_steps=3, fidelity_images=2, fidelity_files=2,
+                   client_images=2),
 }

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from oscar_bench.context import Context
 from oscar_bench.report import Column, RatioSpec
-from oscar_bench.sections import client_captioning, inversion, peak, server_estimate, synthesis, training
+from oscar_bench.sections import client_captioning, fidelity, inversion, peak, server_estimate, synthesis, training
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ SECTIONS: dict[str, Section] = {
     "synthesis": Section(synthesis.run, synthesis.COLUMNS, synthesis.RATIOS, {"full": 240, "smoke": 60}),
     "training": Section(training.run, training.COLUMNS, training.RATIOS, {"full": 60}),
     "inversion": Section(inversion.run, inversion.COLUMNS, inversion.RATIOS, {"full": 30}),
+    "fidelity": Section(fidelity.run, fidelity.COLUMNS, expected_seconds={"full": 20}),  # 2,048 + 256 images
     "client": Section(client_captioning.run, expected_seconds={"full": 120}),  # up to 2,048 images, 5 passes
     "server-estimate": Section(server_estimate.run, server_estimate.COLUMNS),
 }

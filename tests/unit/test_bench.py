@@ -25,7 +25,7 @@ from oscar_common.config import OscarConfig
 from oscar_server.stages.generation import generate_images, prepare_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SECTION_NAMES = ["peak", "synthesis", "training", "inversion", "client", "server-estimate"]
+SECTION_NAMES = ["peak", "synthesis", "training", "inversion", "fidelity", "client", "server-estimate"]
 
 
 def _run(argv: list[str]) -> str:
@@ -63,6 +63,10 @@ def test_json_has_the_machine_the_sections_and_the_targets(tiny_run):
     assert keys["synthesis"] == ["official", "project", "bare"]
     assert keys["training"] == ["png_write", "project", "baseline", "baseline_large"]
     assert keys["inversion"] == ["sparse", "dense", "sparse_long", "ours", "reference"]
+    assert keys["fidelity"] == ["tower", "files"]
+    tower, files = doc["sections"]["fidelity"]["rows"]
+    assert (tower["images"], tower["batch_size"], files["images"]) == (8, 8, 4)  # tiny: whole CPU batches
+    assert tower["ms_per_image"] == pytest.approx(1000 * tower["seconds"] / tower["images"])
     assert keys["server-estimate"][-1] == "total"
     official, project = doc["sections"]["synthesis"]["rows"][:2]
     assert official["batch_size"] == 1 and official["images"] == 2 and project["images"] == project["batch_size"]
@@ -119,6 +123,7 @@ def test_every_rate_and_ratio_comes_from_the_recorded_times(tiny_run):
     assert estimate["synthesis"]["seconds"] == pytest.approx(project["compile_seconds"] + project["warmup_seconds"])
     assert estimate["synthesis_images"]["seconds"] == pytest.approx(5400 / project["img_per_s"])
     assert estimate["training"]["seconds"] == pytest.approx(25 * 5400 / _resolve(doc, "training.project.img_per_s"))
+    assert estimate["fidelity"]["seconds"] == pytest.approx(5400 / _resolve(doc, "fidelity.files.img_per_s"))
     assert estimate["total"]["seconds"] == pytest.approx(sum(r["seconds"] for k, r in estimate.items() if k != "total"))
 
 
