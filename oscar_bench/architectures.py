@@ -45,6 +45,10 @@ from oscar_demo import tiny as tiny_models
 
 log = logging.getLogger(__name__)
 
+# CLIP ViT-B/32's vision tower (openai/clip-vit-base-patch32's config.json): 224 px, patch 32, 768 x 12.
+VIT_B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               image_size=224, patch_size=32)
+
 
 
 @dataclass
@@ -155,9 +159,7 @@ def build_clip_vision_tower(device: torch.device, *, tiny: bool, seed: int = 0
             saved = tiny_models.save_tiny_clip(Path(tmp), seed=seed)
             return load_clip_vision_encoder(str(saved), device, torch.float32)
     with torch.device(device):
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
-            patch_size=32, projection_dim=512, hidden_act="quick_gelu"))
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_B32, projection_dim=512))
     return CLIPImageProcessor(), _frozen(model)  # the processor's defaults are ViT-B/32's: 224, CLIP's mean/std
 
 

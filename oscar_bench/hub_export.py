@@ -18,16 +18,13 @@ from diffusers import StableDiffusionPipeline
 from torchvision import models
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from oscar_bench.architectures import build_diffusion, clip_text_config
+from oscar_bench.architectures import VIT_B32, build_diffusion, clip_text_config
 from oscar_common.training.classifier import imagenet_weights_path
 from oscar_demo import tiny as tiny_models
 
 log = logging.getLogger(__name__)
 
 NOTE = "random-weight stand-in with the {size} architecture, written by oscar_bench.hub_export (outputs are noise)"
-# CLIP ViT-B/32's vision tower (openai/clip-vit-base-patch32's config.json): 224 px, patch 32, 768 x 12.
-VIT_B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-               image_size=224, patch_size=32)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    image_size=32, patch_size=8)
 

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from oscar_common.config import OscarConfig
-from oscar_common.models.loading import ModelNotFoundError, check_diffusion_pipeline_files, text_embedding_dim
+from oscar_common.models.loading import (
+    ModelNotFoundError,
+    NoVisionTowerError,
+    check_clip_vision_config,
+    check_diffusion_pipeline_files,
+    text_embedding_dim,
+)
 from oscar_common.training.classifier import imagenet_weights_path
 
 log = logging.getLogger("oscar.server")
@@ -35,7 +41,9 @@ def preflight(cfg: OscarConfig, run_root: Path) -> None:
         if cfg.scheme == "pooled":
             text_embedding_dim("pooled", cfg.text_encoder)
         check_diffusion_pipeline_files(cfg.diffusion_model)
-    except ModelNotFoundError as exc:
+        if cfg.generated_per_class > cfg.images_per_class:  # the kept images are chosen with CLIP's vision tower
+            check_clip_vision_config(cfg.text_encoder)
+    except (ModelNotFoundError, NoVisionTowerError) as exc:
         problems.append(str(exc))
     except (OSError, ValueError) as exc:
         problems.append(f"a model could not be read: {exc}")
@@ -54,9 +62,9 @@ def preflight(cfg: OscarConfig, run_root: Path) -> None:
 
 
 def synthetic_set_bytes(cfg: OscarConfig, clients: int) -> int:
-    """Disk space the synthetic images of ``clients`` clients need (every class uploaded)."""
+    """Disk space the synthetic images of ``clients`` clients need (every class uploaded, every generated image)."""
     side = cfg.image_resolution or 512
-    images = clients * len(cfg.class_names) * cfg.images_per_class
+    images = clients * len(cfg.class_names) * cfg.generated_per_class
     return int(images * side * side * PNG_BYTES_PER_PIXEL)
 
 
@@ -71,7 +79,7 @@ def _run_dir_problems(cfg: OscarConfig, run_root: Path) -> list[str]:
     free = shutil.disk_usage(run_root).free
     if free < needed:
         return [f"{run_root} has {free / 1e9:.1f} GB free; the synthetic images of {cfg.min_clients} clients "
-                f"need about {needed / 1e9:.1f} GB ({len(cfg.class_names)} classes x {cfg.images_per_class} "
+                f"need about {needed / 1e9:.1f} GB ({len(cfg.class_names)} classes x {cfg.generated_per_class} "
                 "images each): free some space or point run-dir elsewhere"]
     if free < 2 * needed:
         log.warning("%s has %.1f GB free: enough for about %d clients' synthetic images", run_root, free / 1e9,

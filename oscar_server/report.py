@@ -187,8 +187,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     syn, train = report["synthesis"], report["training"]
     if syn:
-        lines += ["## Synthesis", "", f"{syn['images']} images ({syn['generated_this_run']} generated in this run) "
-                  f"in {syn['seconds']:.1f}s.", ""]
+        kept = syn.get("training_images")
+        kept_text = f", {kept} kept for training" if kept is not None and kept != syn["images"] else ""
+        lines += ["## Synthesis", "", f"{syn['images']} images ({syn['generated_this_run']} generated in this run"
+                  f"{kept_text}) in {syn['seconds']:.1f}s.", ""]
         if syn["prompts"]:
             lines += ["| client | class | decoded prompt | cosine |", "|---|---|---|---:|"]
             lines += [f"| {p['client']} | {p['class_name']} | {_md(p['decoded'])} | {p['cosine']:.3f} |"

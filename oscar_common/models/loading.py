@@ -205,9 +205,8 @@ def load_clip_vision_encoder(
     text-only export) raises :class:`NoVisionTowerError`: random vision weights would give figures that
     mean nothing."""
     kwargs = _hub_kwargs()
+    check_clip_vision_config(model_id)
     with _translate_missing(model_id):
-        if getattr(AutoConfig.from_pretrained(model_id, **kwargs), "vision_config", None) is None:
-            raise NoVisionTowerError(model_id, "its config has no vision_config")
         processor = CLIPImageProcessor.from_pretrained(model_id, **kwargs)
         model, info = _CLIPVisionTower.from_pretrained(model_id, dtype=dtype, output_loading_info=True, **kwargs)
     missing = [key for key in info["missing_keys"] if key.startswith(("vision_model.", "visual_projection."))]
@@ -215,6 +214,14 @@ def load_clip_vision_encoder(
         raise NoVisionTowerError(model_id, f"{len(missing)} vision weights are missing, e.g. {missing[0]}")
     log.info("loaded CLIP vision encoder %s (projection %d) on %s", model_id, model.config.projection_dim, device)
     return processor, _frozen(model, device)
+
+
+def check_clip_vision_config(model_id: str) -> None:
+    """Raise :class:`NoVisionTowerError` unless the checkpoint's config has a vision tower (no weights are
+    read: the server checks this before contacting any client)."""
+    with _translate_missing(model_id):
+        if getattr(AutoConfig.from_pretrained(model_id, **_hub_kwargs()), "vision_config", None) is None:
+            raise NoVisionTowerError(model_id, "its config has no vision_config")
 
 
 def load_diffusion_text_encoder(

@@ -6,6 +6,7 @@ decode costs more than ViT-B/32 needs on a GPU for the image.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-DECODE_THREADS = 4
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def embedding_batch_size(device: torch.device) -> int:

@@ -13,6 +13,8 @@ from transformers import CLIPImageProcessor, CLIPTextModelWithProjection
 from oscar_common.config import ConfigError, OscarConfig
 from oscar_common.models.loading import NoVisionTowerError, load_clip_vision_encoder
 from oscar_demo.tiny import save_tiny_clip
+from oscar_server import preflight as preflight_module
+from oscar_server.preflight import PreflightError, preflight
 from oscar_server.stages.fidelity import FidelityRow, class_means, ranked_for_keeping, score_images, summarise
 
 E1, E2, E3 = torch.eye(3)
@@ -76,12 +78,30 @@ def test_generate_per_class_below_images_per_class_or_with_tokens_is_refused() -
     assert OscarConfig.from_run_config({"generate-per-class": 10, "scheme": "tokens"}).generated_per_class == 10
 
 
-def test_a_clip_without_vision_tower_is_named(tmp_path: Path) -> None:
+@pytest.fixture
+def text_only_clip(tmp_path: Path) -> Path:
+    """A CLIP checkpoint exported without its vision tower (text tower, tokenizer-free, image processor)."""
     full = save_tiny_clip(tmp_path / "clip")
-    processor, model = load_clip_vision_encoder(str(full), torch.device("cpu"), torch.float32)
-    assert model.config.projection_dim == 512 and not model.training
     text_only = tmp_path / "text-only"
     CLIPTextModelWithProjection.from_pretrained(full).save_pretrained(text_only)
     CLIPImageProcessor.from_pretrained(full).save_pretrained(text_only)
-    with pytest.raises(NoVisionTowerError, match=f"CLIP model '{text_only}' has no vision tower"):
-        load_clip_vision_encoder(str(text_only), torch.device("cpu"), torch.float32)
+    return text_only
+
+
+def test_a_clip_without_vision_tower_is_named(tmp_path: Path, text_only_clip: Path) -> None:
+    processor, model = load_clip_vision_encoder(str(tmp_path / "clip"), torch.device("cpu"), torch.float32)
+    assert model.config.projection_dim == 512 and not model.training
+    with pytest.raises(NoVisionTowerError, match=f"CLIP model '{text_only_clip}' has no vision tower"):
+        load_clip_vision_encoder(str(text_only_clip), torch.device("cpu"), torch.float32)
+
+
+def test_preflight_refuses_filtering_without_a_vision_tower(tiny_hub: Path, text_only_clip: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tiny_hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(preflight_module, "text_embedding_dim", lambda scheme, model_id: 512)  # the text side is fine
+    cfg = OscarConfig(class_names=("a", "b"), text_encoder=str(text_only_clip), generate_per_class=20,
+                      classifier_pretrained=False)
+    with pytest.raises(PreflightError, match=f"CLIP model '{text_only_clip}' has no vision tower"):
+        preflight(cfg, tmp_path / "run")
+    preflight(cfg.replace(generate_per_class=0), tmp_path / "run")  # without filtering it only warns, later

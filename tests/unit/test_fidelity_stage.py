@@ -15,6 +15,7 @@ import torch
 
 import oscar_server.stages.synthetic_selection as selection
 from oscar_common.config import OscarConfig
+from oscar_common.models.loading import NoVisionTowerError
 from oscar_common.wire import Upload
 from oscar_server.report import build_report, render_markdown, write_report
 from oscar_server.run_dir import RunDirectory
@@ -142,7 +143,9 @@ def test_generate_per_class_keeps_the_highest_cosines_and_stays_stable(tmp_path:
     assert [round(r["cosine"], 5) for r in rows[:4]] == COSINES
     assert summary.fidelity.overall.mean_cosine == 0.8 and summary.fidelity.overall_generated.mean_cosine == 0.5
     assert [name.split("/")[-1] for name, _ in training_images(run_dir, cfg)] == kept_names()
-    assert "the 6 of highest cosine kept" in render_markdown(build_report(cfg, _state(summary)))
+    markdown = render_markdown(build_report(cfg, _state(summary)))
+    assert "12 images (12 generated in this run, 6 kept for training)" in markdown
+    assert "the 6 of highest cosine kept" in markdown
 
     # A rerun generates and measures nothing and moves nothing: the kept set stays.
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
@@ -175,3 +178,19 @@ def test_tokens_is_not_measured_and_says_why(tmp_path: Path) -> None:
         "measured": False, "note": summary.fidelity.note, "encoder": None, "images": []}
     markdown = render_markdown(build_report(cfg, _state(summary)))
     assert "Fidelity not measured: with scheme 'tokens' the uploads are per-token states" in markdown
+
+
+def test_a_clip_without_vision_tower_stops_filtering_but_not_a_plain_run(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_vision_tower(model_id, device, dtype):
+        raise NoVisionTowerError(model_id, "its config has no vision_config")
+
+    monkeypatch.setattr(selection, "load_clip_vision_encoder", no_vision_tower)
+    root = tmp_path / "run"
+    cfg = config(root)
+    run_dir = run_with_uploads(root, cfg)
+    summary = synthesize_run(run_dir, cfg)
+    assert not summary.fidelity.measured and summary.training_images == 6
+    assert summary.fidelity.note.startswith(f"not measured: CLIP model '{cfg.text_encoder}' has no vision tower")
+    with pytest.raises(NoVisionTowerError, match="use a full CLIP checkpoint"):
+        synthesize_run(run_dir, config(root, **{"generate-per-class": 3}))
