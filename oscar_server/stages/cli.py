@@ -43,6 +43,11 @@ def run_stage_command(argv: list[str] | None, *, prog: str, description: str,
         run(run_dir, cfg, fresh=args.fresh)
     except plain_errors as exc:
         raise SystemExit(f"{prog}: {exc}") from exc
+    finally:
+        # Under a launcher: a gloo group left to the interpreter's exit can abort the process
+        # ("terminate called without an active exception") after the stage's work is done.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def stage_arguments(prog: str, description: str) -> argparse.ArgumentParser:
