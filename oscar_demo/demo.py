@@ -95,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time: {total:.0f}s in all: {prepared:.0f}s data + models, "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + ", the rest starting and stopping the federation")
-    for name in ("report.json", "report.md", "samples.png"):
-        print(f"{name:12s} {report_path.parent / name}")
+    fidelity = report.get("fidelity") or {}
+    if fidelity.get("measured"):
+        overall = fidelity["overall"]
+        print(f"synthesis fidelity: mean cosine {overall['mean_cosine']:.3f}, top-1 retrieval "
+              f"{overall['top1']:.3f} (tiny random models: noise; report.md and docs/fidelity.md say how to read it)")
+    for name in ("report.json", "report.md", "samples.png", "fidelity.png"):
+        if (report_path.parent / name).exists():
+            print(f"{name:12s} {report_path.parent / name}")
     return 0 if report["status"] == "completed" else 1
 
 
