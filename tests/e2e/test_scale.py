@@ -119,9 +119,12 @@ def test_the_benchmark_stopped_mid_round_leaves_no_process(tmp_path: Path, stop:
     out = tmp_path / "out"
     log_path = tmp_path / "benchmark.log"
     with open(log_path, "w") as log_file:
+        # As from a terminal: a suite started in the background of a non-interactive shell hands its
+        # children SIGINT ignored, and a Python started so never raises KeyboardInterrupt.
         bench = subprocess.Popen([sys.executable, "-m", "oscar_bench.federation.scale", "--clients", "4",
                                   "--out", str(out)], cwd=tmp_path, stdout=log_file,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watch = ProcessWatch(bench.pid)
     run_logs = out / "work" / "simulation-4" / "logs"
 
