@@ -58,14 +58,21 @@ def score_images(image_embeds: torch.Tensor, owners: Sequence[Owner],
     table = torch.stack([means[key] for key in keys]).to(images.device)
     cosines = images @ table.T  # [N, all (client, class) means]
     column = {key: i for i, key in enumerate(keys)}
+    # The columns of each client and of each class, listed once: per image a scan of every key would make the
+    # scoring quadratic in the (client, class) pairs (10,000 at 1,000 clients).
+    client_columns: dict[str, list[int]] = {}
+    class_columns: dict[int, list[tuple[str, int]]] = {}
+    for i, (client, class_id) in enumerate(keys):
+        client_columns.setdefault(client, []).append(i)
+        class_columns.setdefault(class_id, []).append((client, i))
+    same_client = {client: torch.tensor(columns, device=table.device) for client, columns in client_columns.items()}
     scores = []
     for i, (client, class_id) in enumerate(owners):
         row = cosines[i]
         own = row[column[(client, class_id)]]
-        same_client = torch.tensor([column[k] for k in keys if k[0] == client])
-        rank = 1 + int((row[same_client] > own).sum())
-        others = [column[k] for k in keys if k[1] == class_id and k[0] != client]
-        retained = bool((own > row[torch.tensor(others)]).all()) if others else None
+        rank = 1 + int((row[same_client[client]] > own).sum())
+        others = [j for other, j in class_columns[class_id] if other != client]
+        retained = bool((own > row[others]).all()) if others else None
         scores.append(ImageScore(float(own), rank, retained))
     return scores
 
